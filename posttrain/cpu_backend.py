@@ -1,0 +1,207 @@
+"""Run megatron-core 0.16.1 on a CPU-only torch build.
+
+Stock megatron-core assumes CUDA for bookkeeping even where the arithmetic would run anywhere: rotary
+embeddings and the default causal mask are built on ``"cuda"``, DDP allocates its gradient buffers with
+``device=torch.cuda.current_device()``, the optimizer keeps its loss scale on the GPU and ``clip_grads`` asserts
+``param.grad.type() == 'torch.cuda.FloatTensor'``, the pipeline schedules count tokens on ``"cuda"``,
+``dist_checkpointing`` calls ``torch.cuda.synchronize()``, and the model-parallel RNG tracker stores CUDA
+generator states.
+
+:func:`activate` adapts all of that in two layers, once per process, and only when
+``torch.cuda.is_available()`` is false (with a GPU it does nothing, so NCCL, Transformer Engine and apex paths
+stay untouched):
+
+1. **Stubs** for the ``torch.cuda`` calls megatron-core makes for bookkeeping: ``current_device`` returns the
+   CPU device; ``synchronize``, ``empty_cache``, streams and events are no-ops; the CUDA RNG functions
+   (``get_rng_state``, ``set_rng_state``, ``manual_seed``) and the RNG tracker's private get/set helpers act on
+   the CPU default generator, so ``model_parallel_cuda_manual_seed`` and ``get_cuda_rng_tracker().fork()``
+   work unchanged.
+2. A :class:`torch.overrides.TorchFunctionMode` (:class:`CudaToCpuMode`) that rewrites every ``device=``
+   argument naming CUDA to CPU (tensor factories, ``Tensor.to``, ``new_*``), makes ``Tensor.cuda()`` and
+   ``pin_memory()`` no-ops, and answers ``Tensor.type()`` with the ``torch.cuda.*`` name the optimizer and
+   ``clip_grads`` expect. A TorchFunctionMode is per thread: :func:`activate` enters it in the calling thread
+   (the main thread, through :func:`posttrain.distributed.initialize_distributed`); call
+   :func:`enter_thread` in any other thread that runs megatron-core.
+
+The one place this is switched on is :func:`posttrain.distributed.initialize_distributed`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+_LOCK = threading.Lock()
+_ACTIVE = False
+_THREAD_STATE = threading.local()
+
+# torch.Tensor.type() names for CPU tensors -> the CUDA names megatron-core compares against.
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+    "torch.DoubleTensor": "torch.cuda.DoubleTensor",
+    "torch.LongTensor": "torch.cuda.LongTensor",
+    "torch.IntTensor": "torch.cuda.IntTensor",
+    "torch.ByteTensor": "torch.cuda.ByteTensor",
+    "torch.BoolTensor": "torch.cuda.BoolTensor",
+}
+
+
+def _is_cuda_device(device: Any) -> bool:
+    """True for ``"cuda"``, ``"cuda:1"``, ``torch.device("cuda", 0)`` (ints are left alone: CPU has none)."""
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.split(":", 1)[0] == "cuda"
+    return False
+
+
+def _to_cpu_device(device: Any) -> Any:
+    return _CPU if _is_cuda_device(device) else device
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA placement requests to CPU for every torch call made while the mode is active."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        if func is torch.Tensor.is_pinned:
+            return False
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU) + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+class _NoOpStream:
+    """Stand-in for ``torch.cuda.Stream``: every method is a no-op; usable as a context manager."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NoOpEvent()
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+class _NoOpEvent(_NoOpStream):
+    """Stand-in for ``torch.cuda.Event``; ``elapsed_time`` is 0 ms."""
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+
+def _noop(name: str, result: Any = None):
+    """A fresh no-op function per stubbed name (torch.compile's rule table rejects one object under two names)."""
+
+    def noop(*args, **kwargs):
+        return result
+
+    noop.__name__ = noop.__qualname__ = name
+    return noop
+
+
+def _install_stubs() -> None:
+    """Layer 1: replace the bookkeeping ``torch.cuda`` calls and the RNG tracker's state helpers."""
+    cuda = torch.cuda
+    cuda.current_device = lambda: _CPU
+    cuda.synchronize = _noop("synchronize")
+    cuda.empty_cache = _noop("empty_cache")
+    cuda.set_device = _noop("set_device")
+    cuda.Stream = _NoOpStream
+    cuda.Event = _NoOpEvent
+    cuda.current_stream = lambda *a, **k: _NoOpStream()
+    cuda.default_stream = lambda *a, **k: _NoOpStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.memory_allocated = _noop("memory_allocated", 0)
+    cuda.max_memory_allocated = _noop("max_memory_allocated", 0)
+    cuda.reset_peak_memory_stats = _noop("reset_peak_memory_stats")
+
+    def get_rng_state(device: Any = "cuda") -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
+        torch.set_rng_state(new_state)
+
+    def manual_seed(seed: int) -> None:
+        torch.default_generator.manual_seed(int(seed))
+
+    cuda.get_rng_state = get_rng_state
+    cuda.set_rng_state = set_rng_state
+    cuda.manual_seed = manual_seed
+    cuda.manual_seed_all = _noop("manual_seed_all")  # torch.manual_seed calls it after seeding the CPU generator
+    cuda.random.get_rng_state = get_rng_state
+    cuda.random.set_rng_state = set_rng_state
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = (
+        lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state())
+    mcore_random._set_cuda_rng_state = (
+        lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state))
+    # On CPU the tracked "CUDA" states are the CPU generator's states, so the tracker's check that the CPU
+    # state is unchanged inside fork() is always tripped by dropout; it says nothing useful here.
+    logging.getLogger(mcore_random.__name__).setLevel(logging.ERROR)
+
+
+def enter_thread() -> None:
+    """Enter :class:`CudaToCpuMode` in the calling thread (idempotent). No-op unless :func:`activate` ran."""
+    if not _ACTIVE or getattr(_THREAD_STATE, "mode", None) is not None:
+        return
+    mode = CudaToCpuMode()
+    mode.__enter__()
+    _THREAD_STATE.mode = mode
+
+
+def activate() -> bool:
+    """Adapt megatron-core to CPU torch if, and only if, CUDA is absent (idempotent).
+
+    Returns:
+        True when the CPU backend is active after the call, False when CUDA is available (nothing changed).
+    """
+    global _ACTIVE
+    if torch.cuda.is_available():
+        return False
+    with _LOCK:
+        if not _ACTIVE:
+            _install_stubs()
+            _ACTIVE = True
+    enter_thread()
+    return True
+
+
+def is_active() -> bool:
+    """True once :func:`activate` has adapted this process to CPU."""
+    return _ACTIVE
