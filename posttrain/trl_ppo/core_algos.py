@@ -600,6 +600,7 @@ def compute_rewards(
     missing_eos_penalty: Optional[float] = None,
     score_normalizer: Optional[RunningMeanStd] = None,
     score_clip: Optional[float] = None,
+    reduce_fn: Optional[ReduceFn] = None,
 ) -> Tuple[Tensor, Metrics]:
     """Per-token rewards: a KL penalty on every token plus the sequence score on the last valid token.
 
@@ -629,6 +630,8 @@ def compute_rewards(
         missing_eos_penalty: subtracted from the score of responses without EOS.
         score_normalizer: optional running statistics to normalise the scores with (mutated: updated).
         score_clip: optional clip of the final score, > 0.
+        reduce_fn: makes the normaliser's batch statistics global over the data-parallel group (see
+            :func:`masked_whiten`).
 
     Returns:
         ``(rewards, metrics)``: ``rewards`` is ``[batch, response_len]`` float32, 0 at pads. ``metrics``
@@ -662,7 +665,7 @@ def compute_rewards(
     if missing_eos_penalty is not None:
         s = torch.where(eos, s, s - missing_eos_penalty)
     if score_normalizer is not None:
-        score_normalizer.update(s)
+        score_normalizer.update(s, reduce_fn=reduce_fn)
         s = score_normalizer.normalize(s)
     if score_clip is not None:
         s = s.clamp(-score_clip, score_clip)

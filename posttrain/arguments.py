@@ -1,0 +1,137 @@
+"""Command-line flags generated from dataclasses.
+
+Each training stage describes its options as dataclasses whose fields carry a ``help`` text in their metadata;
+:func:`add_dataclass_args` turns every field into a Megatron-style flag (``micro_batch_size`` ->
+``--micro-batch-size``) and :func:`dataclass_from_args` builds the dataclass back from the parsed namespace, so
+validation lives in one place: each dataclass's ``__post_init__``. There is no global ``get_args()``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def arg(default: Any = dataclasses.MISSING, help: str = "", choices=None, flag: Optional[str] = None,
+        default_factory: Any = dataclasses.MISSING, aliases: tuple = ()) -> Any:
+    """A dataclass field that becomes a command-line flag (``help`` is the flag's help text)."""
+    metadata = {"help": help, "choices": choices, "flag": flag, "aliases": aliases}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _base_type(tp):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin in (list, tuple):
+        return list, typing.get_args(tp)[0]
+    return tp
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: Optional[str] = None) -> None:
+    """Add one flag per field of dataclass ``cls`` to ``parser`` (a group titled ``title``)."""
+    group = parser.add_argument_group(title or cls.__name__)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        names = [_flag_name(f), *f.metadata.get("aliases", ())]
+        tp = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        kwargs = {"dest": f.name, "help": f.metadata.get("help", "") + (f" (default: {default})"
+                                                                        if default not in (None, False) else "")}
+        if tp is bool:
+            if default:
+                group.add_argument(*names, action=argparse.BooleanOptionalAction, default=default, **kwargs)
+            else:
+                group.add_argument(*names, action="store_true", default=False, **kwargs)
+            continue
+        if isinstance(tp, tuple) and tp[0] is list:
+            group.add_argument(*names, type=tp[1], nargs="+", default=default, **kwargs)
+            continue
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        group.add_argument(*names, type=tp, default=default, required=required,
+                           choices=f.metadata.get("choices"), **kwargs)
+
+
+def dataclass_from_args(cls, namespace: argparse.Namespace):
+    """Build ``cls`` from the parsed namespace (runs the dataclass's validation)."""
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(namespace, f.name)}
+    return cls(**values)
+
+
+class ArgumentError(ValueError):
+    """An invalid flag value or combination; the message names the flag."""
+
+
+@dataclass
+class ParallelArgs:
+    """Parallel layout (megatron-core names)."""
+
+    tensor_model_parallel_size: int = arg(1, "TP: ranks sharing each layer")
+    pipeline_model_parallel_size: int = arg(1, "PP: pipeline stages")
+    expert_model_parallel_size: int = arg(1, "EP: ranks sharing the experts of MoE layers")
+    seed: int = arg(1234, "random seed (Python, NumPy, torch, megatron RNG tracker, sampling)")
+
+
+@dataclass
+class OptimizerArgs:
+    """Optimiser and learning-rate schedule (Megatron flag names)."""
+
+    lr: float = arg(1e-6, "peak learning rate of the trained model (the actor in PPO)")
+    min_lr: float = arg(0.0, "learning rate at the end of the decay")
+    lr_decay_style: str = arg("constant", "learning-rate decay", choices=["constant", "linear", "cosine",
+                                                                          "inverse-square-root"])
+    lr_warmup_iters: int = arg(0, "linear warm-up iterations")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    adam_beta1: float = arg(0.9, "Adam beta1")
+    adam_beta2: float = arg(0.95, "Adam beta2")
+    adam_eps: float = arg(1e-8, "Adam epsilon")
+    clip_grad: float = arg(1.0, "gradient clipping by global L2 norm (0 disables)")
+    bf16: bool = arg(False, "bf16 parameters and compute (fp32 master weights and gradient reduction)")
+    use_distributed_optimizer: bool = arg(False, "shard optimizer state over data-parallel ranks (ZeRO-1)")
+    recompute_granularity: Optional[str] = arg(None, "activation recomputation", choices=["full", "selective"])
+    recompute_method: str = arg("uniform", "with --recompute-granularity full", choices=["uniform", "block"])
+    recompute_num_layers: int = arg(1, "layers per recomputed chunk with --recompute-granularity full")
+    make_vocab_size_divisible_by: int = arg(128, "pad the vocabulary to a multiple of this times TP")
+
+    def __post_init__(self):
+        if self.lr < 0 or self.min_lr < 0:
+            raise ArgumentError("--lr and --min-lr must be >= 0")
+        if self.min_lr > self.lr and self.lr_decay_style != "constant":
+            raise ArgumentError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
+        if self.clip_grad < 0:
+            raise ArgumentError("--clip-grad must be >= 0")
+
+
+@dataclass
+class CheckpointArgs:
+    """Loading and saving (Megatron flag names)."""
+
+    load: Optional[str] = arg(None, "resume from this training checkpoint directory (written by --save)")
+    save: Optional[str] = arg(None, "write checkpoints (and metrics.jsonl) here")
+    save_interval: int = arg(0, "save every N iterations (0: only at the end when --save is given)")
+    no_load_optim: bool = arg(False, "with --load: do not restore optimiser and scheduler state")
+    no_load_rng: bool = arg(False, "with --load: do not restore RNG states")
+
+
+@dataclass
+class LoggingArgs:
+    """Console, TensorBoard and JSONL logging."""
+
+    log_interval: int = arg(1, "print metrics every N iterations")
+    tensorboard_dir: Optional[str] = arg(None, "write TensorBoard scalars here")
+
+    def __post_init__(self):
+        if self.log_interval < 1:
+            raise ArgumentError("--log-interval must be >= 1")

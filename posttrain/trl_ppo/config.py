@@ -1,0 +1,136 @@
+"""Flags of ``pretrain_gpt.py --stage trl_ppo`` (MindSpeed-LLM / Megatron names where they exist).
+
+Batch vocabulary:
+
+* ``--global-batch-size`` G: prompts per PPO iteration over all data-parallel ranks (each rank takes G / DP);
+* ``--n-samples-per-prompt`` n: responses per prompt, so an iteration's rollout holds G x n sequences;
+* ``--rollout-batch-size``: sequences a rank generates at once (bounds the KV cache), default all of them;
+* ``--ppo-mini-batch-size``: sequences per optimiser step (over all DP ranks), default G x n (one step per epoch,
+  as MindSpeed-LLM); ``--ppo-epochs`` passes over the rollout;
+* ``--micro-batch-size``: sequences per forward/backward on a rank (gradient accumulation inside a mini-batch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from posttrain.arguments import ArgumentError, arg
+
+KL_ESTIMATORS = ["k1", "kl", "k2", "mse", "k3", "low_var_kl", "abs"]
+ADV_ESTIMATORS = ["gae", "grpo", "rloo", "reinforce_plus_plus"]
+LOSS_AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+
+
+@dataclass(kw_only=True)
+class PPOArgs:
+    """Models, data, rollout and PPO hyper-parameters."""
+
+    # models
+    ref_model: str = arg(help="actor and reference checkpoint (causal LM, converted with convert_ckpt.py)")
+    reward_model: Optional[str] = arg(None, "reward checkpoint (value head); also initialises the critic")
+    critic_model: Optional[str] = arg(None, "critic checkpoint (default: --reward-model, else the actor with a fresh "
+                                            "value head)")
+    reward_function: Optional[str] = arg(None, "rule-based reward 'module:callable', called as "
+                                               "fn(prompts: list[str], responses: list[str]) -> list[float]; added "
+                                               "to the reward model's score, or used alone without --reward-model")
+    # data
+    data_path: str = arg(help="prompt dataset prefix written by preprocess_data.py (PPOAlpacaStyleInstructionHandler)")
+    eval_data_path: Optional[str] = arg(None, "held-out prompt dataset prefix for validation reward")
+    eval_interval: int = arg(0, "validate every N iterations (0: only with --eval-data-path, at the end)")
+    eval_samples: int = arg(64, "held-out prompts scored per validation (greedy)")
+    pretrain_data_path: Optional[str] = arg(None, "dataset prefix of pretraining documents for --ptx-coef")
+    max_samples: Optional[int] = arg(None, "use only the first N prompts")
+    # schedule and batches
+    train_iters: Optional[int] = arg(None, "PPO iterations (default: from --num-episodes)")
+    num_episodes: int = arg(1, "passes over the prompt set, when --train-iters is not given")
+    micro_batch_size: int = arg(1, "sequences per forward/backward on one rank")
+    global_batch_size: int = arg(8, "prompts per PPO iteration over all data-parallel ranks")
+    rollout_batch_size: Optional[int] = arg(None, "sequences generated at once on a rank (default: the whole "
+                                                  "local rollout)")
+    ppo_mini_batch_size: Optional[int] = arg(None, "sequences per optimiser step over all DP ranks "
+                                                   "(default: the whole rollout)")
+    ppo_epochs: int = arg(1, "passes over each rollout")
+    n_samples_per_prompt: int = arg(1, "responses per prompt (group estimators need > 1)")
+    critic_lr: Optional[float] = arg(None, "critic learning rate (default: --lr)")
+    # rollout
+    max_prompt_length: int = arg(256, "longest prompt in tokens")
+    prompt_truncation: str = arg("left", "longer prompts: keep their last tokens, or skip them",
+                                 choices=["left", "skip"])
+    max_new_tokens: int = arg(128, "response budget in tokens")
+    do_sample: bool = arg(False, "sample responses (default: greedy)")
+    temperature: float = arg(1.0, "sampling temperature; the training forward divides logits by it too")
+    top_k: int = arg(0, "top-k sampling (0: off)")
+    top_p: float = arg(1.0, "nucleus sampling (1.0: off)")
+    stop_token_ids: List[int] = arg(default_factory=list, help="token ids that end a response besides EOS")
+    # rewards and advantages
+    kl_coef: float = arg(0.3, "initial KL coefficient (MindSpeed-LLM default 0.3; TRL 0.05)")
+    kl_estimator: str = arg("k1", "per-token KL estimator in the reward", choices=KL_ESTIMATORS)
+    kl_clamp: Optional[float] = arg(None, "clamp the per-token KL to [-x, x] nats")
+    kl_target: Optional[float] = arg(None, "adaptive KL controller target (Ziegler et al. 2019); default fixed")
+    kl_horizon: int = arg(10000, "adaptive KL controller horizon")
+    use_kl_loss: bool = arg(False, "KL as a loss term instead of in the reward (verl use_kl_loss)")
+    kl_loss_coef: float = arg(0.001, "coefficient of the KL loss")
+    kl_loss_type: str = arg("low_var_kl", "estimator of the KL loss", choices=KL_ESTIMATORS)
+    missing_eos_penalty: Optional[float] = arg(None, "subtracted from the score of responses without EOS")
+    normalize_reward: bool = arg(False, "normalise scores by running mean/std over all ranks")
+    reward_clip: Optional[float] = arg(None, "clip scores (after normalisation) to [-x, x]")
+    adv_estimator: str = arg("gae", "advantage estimator", choices=ADV_ESTIMATORS)
+    gamma: float = arg(1.0, "discount")
+    lam: float = arg(0.95, "GAE lambda")
+    # losses
+    clip_ratio: float = arg(0.2, "PPO clip range epsilon")
+    clip_ratio_low: Optional[float] = arg(None, "lower clip epsilon (default --clip-ratio)")
+    clip_ratio_high: Optional[float] = arg(None, "upper clip epsilon (default --clip-ratio)")
+    clip_ratio_c: Optional[float] = arg(None, "dual-clip bound for negative advantages (e.g. 3.0; off by default)")
+    cliprange_value: float = arg(0.2, "value clip range")
+    loss_agg_mode: str = arg("token-mean", "how token losses are averaged", choices=LOSS_AGG_MODES)
+    entropy_coef: float = arg(0.0, "entropy bonus coefficient")
+    ptx_coef: float = arg(0.0, "pretraining (ptx) loss coefficient, with --pretrain-data-path")
+    moe_aux_loss_coeff: Optional[float] = arg(None, "MoE router load-balancing loss coefficient (MoE actors)")
+    enable_ema: bool = arg(False, "keep an exponential moving average of the actor's weights (saved beside it)")
+    ema_decay: float = arg(0.992, "EMA decay per optimiser step")
+    sample_interval: int = arg(5, "print a sample prompt/response every N iterations (0: never)")
+    max_iteration_failures: int = arg(0, "iterations with a non-finite loss tolerated before stopping")
+
+    def __post_init__(self):
+        positive = ("micro_batch_size", "global_batch_size", "ppo_epochs", "n_samples_per_prompt", "max_new_tokens",
+                    "max_prompt_length", "num_episodes", "eval_samples")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("train_iters", "rollout_batch_size", "ppo_mini_batch_size", "max_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.reward_model is None and self.reward_function is None:
+            raise ArgumentError("give --reward-model, --reward-function, or both")
+        if self.ptx_coef > 0 and not self.pretrain_data_path:
+            raise ArgumentError("--ptx-coef needs --pretrain-data-path")
+        if self.adv_estimator in ("grpo", "rloo") and self.n_samples_per_prompt < 2:
+            raise ArgumentError(f"--adv-estimator {self.adv_estimator} needs --n-samples-per-prompt >= 2")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ArgumentError("--ema-decay must be in (0, 1)")
+        if self.gamma < 0 or self.lam < 0 or self.gamma > 1 or self.lam > 1:
+            raise ArgumentError("--gamma and --lam must be in [0, 1]")
+
+    @property
+    def rollout_size(self) -> int:
+        """Sequences per iteration over all ranks (G x n)."""
+        return self.global_batch_size * self.n_samples_per_prompt
+
+    def check_layout(self, dp_size: int) -> None:
+        """Validate the batch sizes against the data-parallel size.
+
+        Raises:
+            ArgumentError: naming the flag that does not divide.
+        """
+        if self.global_batch_size % dp_size:
+            raise ArgumentError(f"--global-batch-size {self.global_batch_size} is not divisible by the data-parallel "
+                                f"size {dp_size}")
+        mini = self.ppo_mini_batch_size or self.rollout_size
+        if self.rollout_size % mini:
+            raise ArgumentError(f"--ppo-mini-batch-size {mini} does not divide the rollout of "
+                                f"{self.rollout_size} sequences (--global-batch-size x --n-samples-per-prompt)")
+        if mini % (dp_size * self.micro_batch_size):
+            raise ArgumentError(f"--ppo-mini-batch-size {mini} is not divisible by data-parallel size {dp_size} x "
+                                f"--micro-batch-size {self.micro_batch_size}")

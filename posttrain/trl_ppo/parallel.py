@@ -1,0 +1,175 @@
+"""The parallelism layer of PPO: the one place that talks to megatron-core's process groups.
+
+* vocabulary-parallel log-probabilities and entropy over logits sharded ``[..., V/TP]`` across tensor-parallel
+  ranks (no rank ever materialises the full vocabulary for training);
+* broadcasts of results computed on the last pipeline stage to every stage;
+* sums over the data-parallel group, including the injected reduction that makes ``core_algos`` statistics
+  (advantage whitening, token counts) global.
+
+:mod:`posttrain.trl_ppo.core_algos` stays free of all of this; the trainer composes the two.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def _tp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def tp_world_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def is_last_stage() -> bool:
+    from megatron.core import parallel_state
+
+    return parallel_state.is_pipeline_last_stage()
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Set the logits of padded vocabulary entries (ids ``>= vocab_size``) to a large negative value.
+
+    Args:
+        logits: ``[..., V_padded / TP]`` this rank's vocabulary shard.
+        vocab_size: the real (unpadded) vocabulary size.
+
+    Returns:
+        ``logits`` itself when nothing is padded on this shard, else a masked copy.
+    """
+    shard = logits.shape[-1]
+    start = _tp_rank() * shard
+    if start + shard <= vocab_size:
+        return logits
+    ids = torch.arange(start, start + shard, device=logits.device)
+    return logits.masked_fill(ids >= vocab_size, torch.finfo(logits.dtype).min / 2)
+
+
+def _tp_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def vocab_parallel_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[label]`` with the vocabulary sharded over tensor-parallel ranks (differentiable).
+
+    Uses megatron-core's ``vocab_parallel_cross_entropy`` (an all-reduce of the max and of the partition function
+    over the TP group), so it equals ``log_softmax(full_logits).gather(-1, labels)`` of the gathered logits.
+
+    Megatron's kernel works in place: an fp32 ``logits`` tensor is overwritten (compute anything else that needs
+    the logits, such as :func:`vocab_parallel_entropy`, first).
+
+    Args:
+        logits: ``[batch, seq, V/TP]`` float (computed in fp32).
+        labels: ``[batch, seq]`` int64 token ids in the full vocabulary.
+
+    Returns:
+        ``[batch, seq]`` fp32 log-probabilities in nats.
+    """
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    return -vocab_parallel_cross_entropy(logits.float(), labels)
+
+
+def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy ``H = logsumexp(x) - sum softmax(x) * x`` of logits sharded over TP ranks (differentiable).
+
+    Args:
+        logits: ``[batch, seq, V/TP]``.
+
+    Returns:
+        ``[batch, seq]`` fp32 entropy in nats.
+    """
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    logits = logits.float()
+    with torch.no_grad():
+        local_max = logits.max(dim=-1, keepdim=True).values
+        if tp_world_size() > 1:
+            torch.distributed.all_reduce(local_max, op=torch.distributed.ReduceOp.MAX, group=_tp_group())
+    shifted = logits - local_max
+    exp = shifted.exp()
+    sum_exp = exp.sum(-1)
+    weighted = (exp * shifted).sum(-1)
+    if tp_world_size() > 1:
+        sum_exp = reduce_from_tensor_model_parallel_region(sum_exp)
+        weighted = reduce_from_tensor_model_parallel_region(weighted)
+    return sum_exp.log() - weighted / sum_exp
+
+
+def broadcast_from_last_stage(tensor: torch.Tensor | None, shape, dtype) -> torch.Tensor:
+    """Give every pipeline stage the tensor the last stage computed (no-op without pipeline parallelism).
+
+    Args:
+        tensor: the value on the last stage (ignored elsewhere).
+        shape, dtype: of the tensor (known on every stage).
+    """
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return tensor
+    if not parallel_state.is_pipeline_last_stage():
+        tensor = torch.empty(shape, dtype=dtype)
+    tensor = tensor.contiguous()
+    torch.distributed.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                group=parallel_state.get_pipeline_model_parallel_group())
+    return tensor
+
+
+def broadcast_object_from_last_stage(obj):
+    """The last pipeline stage's picklable ``obj`` on every stage (e.g. loss metrics only it computed)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return obj
+    holder = [obj]
+    torch.distributed.broadcast_object_list(holder, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                            group=parallel_state.get_pipeline_model_parallel_group())
+    return holder[0]
+
+
+def dp_all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place sum (or ``op``) over the data-parallel group; returns the tensor."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_data_parallel_world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM,
+                                     group=parallel_state.get_data_parallel_group())
+    return tensor
+
+
+def dp_reduce_fn() -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ``reduce_fn`` that makes ``core_algos`` statistics global: a sum over data-parallel ranks."""
+
+    def reduce(local: torch.Tensor) -> torch.Tensor:
+        out = local.detach().clone().float()
+        return dp_all_reduce(out).to(local.dtype)
+
+    return reduce
+
+
+def dp_world_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size()
+
+
+def dp_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank()
+
+
+def all_reduce_max_int(value: int) -> int:
+    """Maximum of an integer over all ranks (e.g. to agree on a padded length)."""
+    t = torch.tensor([value], dtype=torch.long)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
