@@ -36,7 +36,8 @@ class PPOArgs:
     # data
     data_path: str = arg(help="prompt dataset prefix written by preprocess_data.py (PPOAlpacaStyleInstructionHandler)")
     eval_data_path: Optional[str] = arg(None, "held-out prompt dataset prefix for validation reward")
-    eval_interval: int = arg(0, "validate every N iterations (0: only with --eval-data-path, at the end)")
+    eval_interval: int = arg(0, "with --eval-data-path: validate every N iterations and after the last one "
+                                "(0: only after the last)")
     eval_samples: int = arg(64, "held-out prompts scored per validation (greedy)")
     pretrain_data_path: Optional[str] = arg(None, "dataset prefix of pretraining documents for --ptx-coef")
     max_samples: Optional[int] = arg(None, "use only the first N prompts")

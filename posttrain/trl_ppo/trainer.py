@@ -290,11 +290,16 @@ class PPOTrainer:
         mask = mb.attention_mask()
         return mb.input_ids(), position_ids_from_attention_mask(mask), build_attention_mask(mask)
 
-    def _response_logits(self, output: torch.Tensor, mb: RolloutBatch) -> torch.Tensor:
-        """``[b, response_len, V/TP]`` fp32 logits predicting the response tokens, divided by the temperature."""
-        p, r = mb.prompt_len, mb.response_len
-        scaled = output[:, p - 1:p + r - 1, :].float() / self.args.temperature
+    def _token_logits(self, output: torch.Tensor, start: int, end: int, temperature: float) -> torch.Tensor:
+        """Logits at positions ``[start, end)`` as a fresh fp32 tensor ``[b, end - start, V/TP]`` divided by
+        ``temperature``, padded vocabulary entries masked (fresh: the vocab-parallel kernels work in place)."""
+        scaled = output[:, start:end, :].float().div(temperature).contiguous()
         return parallel.mask_padded_vocab(scaled, self.vocab_size)
+
+    def _response_logits(self, output: torch.Tensor, mb: RolloutBatch) -> torch.Tensor:
+        """``[b, response_len, V/TP]`` logits predicting the response tokens, divided by the temperature."""
+        return self._token_logits(output, mb.prompt_len - 1, mb.prompt_len + mb.response_len - 1,
+                                  self.args.temperature)
 
     def _forward_only(self, slot: ModelSlot, batch: RolloutBatch,
                       compute: Callable[[torch.Tensor, RolloutBatch], torch.Tensor], width: int) -> torch.Tensor:
@@ -494,7 +499,7 @@ class PPOTrainer:
 
         def loss_of(output, mb):
             if isinstance(mb, dict):  # a ptx micro-batch
-                logits = parallel.mask_padded_vocab(output[:, :-1].float(), self.vocab_size)
+                logits = self._token_logits(output, 0, output.shape[1] - 1, 1.0)
                 log_probs = parallel.vocab_parallel_log_probs(logits, mb["labels"])
                 loss, metrics = core_algos.compute_ptx_loss(log_probs, mb["mask"], args.ptx_coef,
                                                             global_token_count=ptx_tokens)
@@ -643,7 +648,11 @@ class PPOTrainer:
         critic = head + " critic |" + "".join(f" {k}: {_fmt(metrics.get(k))} |" for k in self.CRITIC_KEYS)
         times = " | ".join(f"{k[5:]} {v:.2f}s" for k, v in metrics.items() if k.startswith("time/"))
         perf = head + f" time | {times} | generated tokens/s {metrics['perf/generated_tokens_per_s']:.1f}"
-        self.logger.log(it, metrics, [actor, critic, perf])
+        lines = [actor, critic, perf]
+        if "eval/score_mean" in metrics:
+            lines.append(head + " validation |" + "".join(f" {k[5:]}: {_fmt(v)} |" for k, v in metrics.items()
+                                                          if k.startswith("eval/")))
+        self.logger.log(it, metrics, lines)
         interval = self.args.sample_interval
         if interval and (it % interval == 0 or it == 1) and self.logger.enabled:
             prompts, responses = self.decode(self._last_batch.select(slice(0, 1)))
@@ -758,17 +767,13 @@ class PPOTrainer:
         while self.iteration < self.train_iters:
             metrics = self.step()
             it = self.iteration
-            if self.eval_dataset is not None and eval_interval and it % eval_interval == 0:
+            if self.eval_dataset is not None and ((eval_interval and it % eval_interval == 0)
+                                                  or it == self.train_iters):
                 metrics.update(self.evaluate())
             self.log(metrics)
             last_metrics = metrics
             if self.ckpt_args.save and save_interval and it % save_interval == 0:
                 self.save()
-        if self.eval_dataset is not None and not eval_interval:
-            last_metrics.update(self.evaluate())
-            self.logger.log(self.iteration, {k: v for k, v in last_metrics.items() if k.startswith("eval/")},
-                            [f" validation | " + " | ".join(f"{k}: {v:.4f}" for k, v in last_metrics.items()
-                                                           if k.startswith("eval/"))])
         if self.ckpt_args.save and (not save_interval or self.iteration % save_interval):
             self.save()
         self.logger.close()

