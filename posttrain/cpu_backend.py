@@ -175,6 +175,18 @@ def _install_stubs() -> None:
     # state is unchanged inside fork() is always tripped by dropout; it says nothing useful here.
     logging.getLogger(mcore_random.__name__).setLevel(logging.ERROR)
 
+    # The MoE all-to-all dispatcher turns its split sizes into NumPy arrays only for CUDA tensors; on CPU they stay
+    # tensors, which all_to_all_single rejects. Convert CPU tensors too when NumPy is asked for.
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    def maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.cpu().numpy()
+        return tensor
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
 
 def enter_thread() -> None:
     """Enter :class:`CudaToCpuMode` in the calling thread (idempotent). No-op unless :func:`activate` ran."""

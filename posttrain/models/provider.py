@@ -1,0 +1,646 @@
+"""Build megatron-core ``GPTModel`` s from Hugging Face ``config.json`` files.
+
+Supported families (``model_type`` in ``config.json``):
+
+* ``llama``: Llama 2 / 3.x (incl. ``llama3`` and ``linear`` RoPE scaling) and SmolLM2 (tied embeddings),
+* ``qwen2``: Qwen2 / Qwen2.5 (bias on the Q/K/V projections),
+* ``mixtral``: Mixtral mixture of experts (top-k softmax router, renormalised top-k weights),
+* ``qwen2_moe``: Qwen1.5-MoE / Qwen2-MoE (shared expert with a sigmoid gate, optional dense layers).
+
+All are pre-norm decoders with RMSNorm, SwiGLU MLPs, rotary embeddings and grouped-query attention; they map onto
+megatron-core's ``TransformerConfig`` as follows (HF field -> megatron-core field):
+
+``hidden_size`` -> ``hidden_size``, ``num_hidden_layers`` -> ``num_layers``, ``num_attention_heads`` ->
+``num_attention_heads``, ``num_key_value_heads`` -> ``num_query_groups``, ``head_dim`` -> ``kv_channels``,
+``intermediate_size`` -> ``ffn_hidden_size``, ``rms_norm_eps`` -> ``layernorm_epsilon``, ``rope_theta`` ->
+``rotary_base`` (a ``GPTModel`` argument), ``tie_word_embeddings`` -> ``share_embeddings_and_output_weights``,
+``attention_dropout`` -> ``attention_dropout`` (hidden dropout is 0 as in HF), ``initializer_range`` ->
+``init_method_std``; for experts ``num_local_experts``/``num_experts`` -> ``num_moe_experts``,
+``num_experts_per_tok`` -> ``moe_router_topk``, ``moe_intermediate_size`` -> ``moe_ffn_hidden_size``,
+``shared_expert_intermediate_size`` -> ``moe_shared_expert_intermediate_size`` (+ ``moe_shared_expert_gate``),
+``norm_topk_prob=False`` -> ``moe_router_pre_softmax=True``, ``router_aux_loss_coef`` -> ``moe_aux_loss_coeff``.
+
+Conventions of the built models (the trainer relies on them):
+
+* Inputs are batch-first: ``input_ids [batch, seq]`` (int64), ``position_ids [batch, seq]`` and
+  ``attention_mask [batch, 1, seq, seq]`` bool with **True = masked** (see :func:`build_attention_mask`), or None
+  for a plain causal mask (local layer spec only).
+* RoPE is applied at positions ``0 .. seq-1`` of the row; ``position_ids`` are passed to ``GPTModel`` but rotary
+  embeddings do not read them. For left-padded rows this gives the same attention scores on the valid tokens as
+  HF's shifted positions, because RoPE scores depend only on the offset between query and key.
+* The causal-LM returns logits ``[batch, seq, padded_vocab / TP]`` (vocabulary-parallel; pass
+  ``runtime_gather_output=True`` for the full padded vocabulary) on the last pipeline stage; entries beyond the
+  real vocabulary (``model.real_vocab_size``, see :func:`real_vocab_size`) come from zero rows and must be
+  dropped (``logits[..., :vocab_size]`` after gathering) or masked by the caller.
+* The value model (:mod:`posttrain.models.value_model`) returns ``values [batch, seq]`` fp32 on the last stage.
+* Other pipeline stages return hidden states ``[seq, batch, hidden]``; ``model.set_input_tensor`` feeds them in,
+  as the megatron-core pipeline schedules expect.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mixtral", "qwen2_moe")
+"""HF ``model_type`` values this module can build."""
+
+MODEL_KINDS = ("causal_lm", "value")
+"""``causal_lm``: actor / reference (LM head). ``value``: critic / reward (scalar head)."""
+
+_MOE_TYPES = ("mixtral", "qwen2_moe")
+
+
+class UnsupportedModelError(ValueError):
+    """The HF configuration describes something these models cannot reproduce (message names the field)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HF configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_hf_config(path: str | Path) -> dict:
+    """Read a Hugging Face ``config.json``.
+
+    Args:
+        path: a model directory holding ``config.json``, or the path of the JSON file itself.
+
+    Returns:
+        The raw configuration dict, exactly as stored (it is what checkpoints carry and give back).
+
+    Raises:
+        FileNotFoundError: the directory or its ``config.json`` does not exist.
+        ValueError: the file is not valid JSON or has no ``model_type``.
+    """
+    path = Path(path)
+    config_path = path / "config.json" if path.is_dir() else path
+    if not config_path.is_file():
+        where = f"{path}: no config.json in this directory" if path.is_dir() else f"{config_path}: file not found"
+        raise FileNotFoundError(where)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_path}: not a valid JSON file ({exc})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(f"{config_path}: no 'model_type' field, not a Hugging Face model config")
+    return config
+
+
+def _normalized(hf_config: dict) -> dict:
+    """The config with transformers' class defaults filled in and legacy RoPE fields converted."""
+    model_type = hf_config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    from transformers import CONFIG_MAPPING
+
+    fields = {k: v for k, v in hf_config.items() if k != "model_type"}
+    try:
+        return CONFIG_MAPPING[model_type](**fields).to_dict()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"invalid {model_type} config: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """The architecture facts read from an HF config (see the module docstring for the field mapping).
+
+    Attributes:
+        model_type: one of :data:`SUPPORTED_MODEL_TYPES`.
+        num_layers, hidden_size, num_attention_heads, num_query_groups, kv_channels, ffn_hidden_size: sizes.
+        vocab_size: the real (unpadded) vocabulary size.
+        max_position_embeddings: the longest sequence the model was trained for.
+        norm_eps: RMSNorm epsilon. tie_word_embeddings: output layer shares the input embedding.
+        qkv_bias: the Q/K/V projections have a bias. attention_dropout: dropout on attention probabilities.
+        init_std: standard deviation of weight initialisation.
+        rope_theta: RoPE base. rope_type: ``default``, ``llama3`` or ``linear``. rope_factor,
+        rope_low_freq_factor, rope_high_freq_factor, rope_original_max_position_embeddings: scaling parameters.
+        num_experts: experts per MoE layer (None: dense). moe_topk: experts per token. moe_ffn_hidden_size:
+        expert MLP width. moe_shared_ffn_hidden_size: shared-expert width (None: no shared expert).
+        moe_shared_expert_gate: the shared expert output is scaled by ``sigmoid(x @ w)``.
+        moe_pre_softmax: softmax over all experts before top-k without renormalising (``norm_topk_prob=False``).
+        moe_layer_pattern: per layer 1 = MoE, 0 = dense MLP (``ffn_hidden_size``).
+        router_aux_loss_coef: HF's load-balancing loss coefficient.
+        dtype: the checkpoint's declared dtype name (``float32``, ``bfloat16``, ...), or None.
+    """
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    ffn_hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    norm_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    attention_dropout: float
+    init_std: float
+    rope_theta: float
+    rope_type: str
+    rope_factor: float
+    rope_low_freq_factor: float
+    rope_high_freq_factor: float
+    rope_original_max_position_embeddings: int
+    num_experts: Optional[int]
+    moe_topk: int
+    moe_ffn_hidden_size: Optional[int]
+    moe_shared_ffn_hidden_size: Optional[int]
+    moe_shared_expert_gate: bool
+    moe_pre_softmax: bool
+    moe_layer_pattern: Optional[tuple]
+    router_aux_loss_coef: float
+    dtype: Optional[str]
+
+    @property
+    def is_moe(self) -> bool:
+        """True for mixture-of-experts models."""
+        return self.num_experts is not None
+
+
+def parse_hf_config(hf_config: dict) -> ArchSpec:
+    """Read and validate the architecture of an HF config.
+
+    Args:
+        hf_config: the raw ``config.json`` dict (legacy ``rope_theta``/``rope_scaling`` fields are accepted).
+
+    Returns:
+        The :class:`ArchSpec`.
+
+    Raises:
+        UnsupportedModelError: unsupported ``model_type``, activation, bias layout, RoPE scaling type, sliding
+            window attention, or MoE router detail (one line naming the field).
+    """
+    cfg = _normalized(hf_config)
+    model_type = hf_config["model_type"]
+
+    def need(name: str) -> Any:
+        if cfg.get(name) is None:
+            raise UnsupportedModelError(f"{model_type} config has no {name!r}")
+        return cfg[name]
+
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"hidden_act {cfg['hidden_act']!r} is not supported (only 'silu' / SwiGLU)")
+    if model_type == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
+        raise UnsupportedModelError(
+            "llama attention_bias / mlp_bias = true is not supported (megatron-core cannot bias o_proj and the MLP "
+            "independently of each other)")
+    if cfg.get("use_sliding_window") or (model_type == "mixtral" and cfg.get("sliding_window")):
+        raise UnsupportedModelError(f"sliding-window attention (sliding_window={cfg.get('sliding_window')}) "
+                                    "is not supported")
+    hidden = int(need("hidden_size"))
+    heads = int(need("num_attention_heads"))
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = cfg.get("head_dim") or hidden // heads
+    if kv_heads <= 0 or heads % kv_heads:
+        raise UnsupportedModelError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+
+    rope = dict(cfg.get("rope_parameters") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3", "linear"):
+        raise UnsupportedModelError(
+            f"rope_type {rope_type!r} is not supported (supported: default, llama3, linear)")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModelError("partial_rotary_factor != 1 is not supported")
+    theta = rope.get("rope_theta", cfg.get("rope_theta"))
+    if theta is None:
+        raise UnsupportedModelError(f"{model_type} config has no rope_theta")
+
+    num_layers = int(need("num_hidden_layers"))
+    num_experts = None
+    moe_topk, moe_ffn, shared_ffn, shared_gate, pre_softmax, pattern = 0, None, None, False, False, None
+    if model_type == "mixtral":
+        num_experts = int(need("num_local_experts"))
+        moe_topk = int(need("num_experts_per_tok"))
+        moe_ffn = int(need("intermediate_size"))
+        pattern = (1,) * num_layers
+    elif model_type == "qwen2_moe":
+        num_experts = int(need("num_experts"))
+        moe_topk = int(need("num_experts_per_tok"))
+        moe_ffn = int(need("moe_intermediate_size"))
+        shared_ffn = int(cfg.get("shared_expert_intermediate_size") or 0) or None
+        if shared_ffn is None:
+            raise UnsupportedModelError("qwen2_moe shared_expert_intermediate_size = 0 is not supported")
+        shared_gate = True
+        pre_softmax = not cfg.get("norm_topk_prob", False)
+        if not cfg.get("qkv_bias", True):
+            raise UnsupportedModelError("qwen2_moe qkv_bias = false is not supported")
+        step = int(cfg.get("decoder_sparse_step") or 1)
+        dense = set(cfg.get("mlp_only_layers") or [])
+        pattern = tuple(int(i not in dense and (i + 1) % step == 0) for i in range(num_layers))
+    if num_experts is not None and moe_topk > num_experts:
+        raise UnsupportedModelError(f"num_experts_per_tok {moe_topk} > number of experts {num_experts}")
+
+    return ArchSpec(
+        model_type=model_type,
+        num_layers=num_layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=kv_heads,
+        kv_channels=int(head_dim),
+        ffn_hidden_size=int(need("intermediate_size")),
+        vocab_size=int(need("vocab_size")),
+        max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
+        norm_eps=float(cfg.get("rms_norm_eps") or 1e-6),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=model_type in ("qwen2", "qwen2_moe"),
+        attention_dropout=float(cfg.get("attention_dropout") or 0.0),
+        init_std=float(cfg.get("initializer_range") or 0.02),
+        rope_theta=float(theta),
+        rope_type=rope_type,
+        rope_factor=float(rope.get("factor", 1.0)),
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
+        num_experts=num_experts,
+        moe_topk=moe_topk,
+        moe_ffn_hidden_size=moe_ffn,
+        moe_shared_ffn_hidden_size=shared_ffn,
+        moe_shared_expert_gate=shared_gate,
+        moe_pre_softmax=pre_softmax,
+        moe_layer_pattern=pattern,
+        router_aux_loss_coef=float(cfg.get("router_aux_loss_coef") or 0.0),
+        dtype=hf_config.get("dtype") or hf_config.get("torch_dtype"),
+    )
+
+
+def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128,
+                      tensor_model_parallel_size: Optional[int] = None) -> int:
+    """Megatron's vocabulary padding: ``ceil(vocab / (divisible_by * TP)) * divisible_by * TP``.
+
+    Args:
+        vocab_size: the real vocabulary size.
+        make_vocab_size_divisible_by: Megatron's ``--make-vocab-size-divisible-by`` (default 128).
+        tensor_model_parallel_size: TP; None reads it from megatron-core's parallel state (1 if uninitialised).
+
+    Raises:
+        ValueError: a non-positive size.
+    """
+    if vocab_size < 1 or make_vocab_size_divisible_by < 1:
+        raise ValueError(f"vocab size {vocab_size} and --make-vocab-size-divisible-by "
+                         f"{make_vocab_size_divisible_by} must be >= 1")
+    if tensor_model_parallel_size is None:
+        from megatron.core import parallel_state
+
+        tensor_model_parallel_size = (parallel_state.get_tensor_model_parallel_world_size()
+                                      if parallel_state.model_parallel_is_initialized() else 1)
+    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TransformerConfig
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _parallel_sizes() -> tuple[int, int, int]:
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError("megatron-core parallel state is not initialised: call "
+                           "posttrain.distributed.initialize_distributed() first")
+    return (parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_expert_model_parallel_world_size())
+
+
+PARALLEL_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--expert-model-parallel-size")
+
+
+def validate_parallel_layout(arch: ArchSpec, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
+                             expert_model_parallel_size: int = 1, flag_names: tuple = PARALLEL_FLAGS) -> None:
+    """Check that the model can be split over TP / PP / EP.
+
+    Args:
+        arch: the architecture. tensor_model_parallel_size, pipeline_model_parallel_size,
+        expert_model_parallel_size: the layout. flag_names: how the three sizes are called in error messages.
+
+    Raises:
+        ValueError: one line naming the flag and the HF field that do not divide (or a size < 1).
+    """
+    tp_flag, pp_flag, ep_flag = flag_names
+    tp, pp, ep = tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size
+    for flag, size in ((tp_flag, tp), (pp_flag, pp), (ep_flag, ep)):
+        if size < 1:
+            raise ValueError(f"{flag} must be >= 1, got {size}")
+    checks = [
+        (tp_flag, tp, "num_attention_heads", arch.num_attention_heads),
+        (tp_flag, tp, "num_key_value_heads", arch.num_query_groups),
+        (tp_flag, tp, "intermediate_size", arch.ffn_hidden_size),
+        (pp_flag, pp, "num_hidden_layers", arch.num_layers),
+    ]
+    if arch.is_moe:
+        checks += [(ep_flag, ep, "number of experts", arch.num_experts),
+                   (tp_flag, tp, "expert intermediate size", arch.moe_ffn_hidden_size)]
+        if arch.moe_shared_ffn_hidden_size:
+            checks.append((tp_flag, tp, "shared_expert_intermediate_size", arch.moe_shared_ffn_hidden_size))
+    elif ep != 1:
+        raise ValueError(f"{ep_flag} {ep} needs a mixture-of-experts model ({arch.model_type} is dense)")
+    for flag, size, field, value in checks:
+        if value % size:
+            raise ValueError(f"{flag} {size} does not divide {field} {value}")
+
+
+def transformer_config_from_hf(hf_config: dict, *, bf16: bool = False, **overrides: Any):
+    """Build megatron-core's ``TransformerConfig`` for an HF config, for the current parallel layout.
+
+    TP / PP / EP sizes are read from megatron-core's parallel state (set up by
+    :func:`posttrain.distributed.initialize_distributed`). On CPU, weights are initialised on the CPU
+    (``use_cpu_initialization=True``); on GPU megatron-core initialises them on the device.
+
+    Args:
+        hf_config: the raw ``config.json`` dict.
+        bf16: run in bfloat16 (``bf16=True``, ``params_dtype=bfloat16``; :func:`build_model` then wraps the model
+            in megatron-core's ``Float16Module``).
+        **overrides: any ``TransformerConfig`` field, applied last (e.g. ``recompute_granularity``,
+            ``moe_aux_loss_coeff``, ``moe_router_load_balancing_type``, ``perform_initialization``).
+
+    Returns:
+        A ``megatron.core.transformer.TransformerConfig``.
+
+    Raises:
+        UnsupportedModelError: see :func:`parse_hf_config`.
+        ValueError: TP / PP / EP does not divide the model (see :func:`validate_parallel_layout`), or an
+            override names no ``TransformerConfig`` field.
+        RuntimeError: the parallel state is not initialised.
+    """
+    import dataclasses
+
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+
+    arch = parse_hf_config(hf_config)
+    tp, pp, ep = _parallel_sizes()
+    validate_parallel_layout(arch, tp, pp, ep)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    kwargs: dict[str, Any] = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=arch.attention_dropout,
+        init_method_std=arch.init_std,
+        persist_layer_norm=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        sequence_parallel=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+    )
+    if arch.is_moe:
+        kwargs.update(
+            num_moe_experts=arch.num_experts,
+            moe_router_topk=arch.moe_topk,
+            moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+            moe_layer_freq=list(arch.moe_layer_pattern),
+            moe_router_pre_softmax=arch.moe_pre_softmax,
+            moe_router_score_function="softmax",
+            moe_token_dispatcher_type="alltoall",
+            moe_grouped_gemm=False,
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=arch.router_aux_loss_coef,
+            moe_router_dtype="fp32",
+            moe_shared_expert_intermediate_size=arch.moe_shared_ffn_hidden_size,
+            moe_shared_expert_gate=arch.moe_shared_expert_gate,
+            moe_shared_expert_overlap=False,
+        )
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown TransformerConfig field(s): {', '.join(unknown)}")
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_attention_mask(attention_mask_2d: torch.Tensor) -> torch.Tensor:
+    """Causal + padding mask in megatron-core's convention.
+
+    Query ``i`` may attend to key ``j`` when ``j <= i`` and key ``j`` is a real token. A padding query (which
+    would otherwise see no key at all) is allowed to attend to itself, so no softmax row is empty: its output is
+    meaningless but finite, and it never reaches a real token. Works for left and right padding.
+
+    Args:
+        attention_mask_2d: ``[batch, seq]``, 1 / True for real tokens, 0 / False for padding (HF convention).
+
+    Returns:
+        ``[batch, 1, seq, seq]`` bool, **True = masked** (megatron-core's convention), on the input's device.
+
+    Raises:
+        ValueError: the input is not 2-D.
+    """
+    if attention_mask_2d.dim() != 2:
+        raise ValueError(f"attention_mask_2d must be [batch, seq], got shape {tuple(attention_mask_2d.shape)}")
+    valid = attention_mask_2d.bool()
+    seq = valid.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=valid.device).tril_()
+    allowed = causal[None, :, :] & valid[:, None, :]
+    allowed |= torch.eye(seq, dtype=torch.bool, device=valid.device)[None]
+    return (~allowed).unsqueeze(1)
+
+
+def position_ids_from_attention_mask(attention_mask_2d: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[batch, seq]`` (int64): 0 over left padding, then 0, 1, ... over the real tokens.
+
+    The convention of MindSpeed-LLM's PPO and of HF ``generate``; the models accept these ids (see the module
+    docstring on how RoPE uses positions).
+    """
+    mask = attention_mask_2d.long()
+    return (mask.cumsum(-1) - 1).clamp_(min=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine is importable and CUDA is present (then the TE layer spec is used)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return False
+    return True
+
+
+def _patch_moe_router_without_te() -> None:
+    """megatron-core 0.16.1 reads ``moe_utils.te_general_gemm`` in the router even when Transformer Engine failed
+    to import (then the name is undefined and every MoE forward raises ``NameError``); define it as None so the
+    router takes its torch path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _layer_spec(config, use_te: bool):
+    """Per-layer specs for this pipeline stage (dense and MoE layers as ``moe_layer_freq`` says)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.enums import AttnMaskType
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
+    if use_te:
+        # TE ignores attention_mask under the "causal" mask type; "arbitrary" honours the explicit causal +
+        # padding mask the trainer passes for left-padded rows.
+        for layer in spec.layer_specs:
+            layer.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+    return spec
+
+
+def _require_mask_hook(module, args, kwargs):
+    mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+    if mask is None:
+        raise ValueError("attention_mask is required with the Transformer Engine layer spec "
+                         "(build it with posttrain.models.build_attention_mask)")
+
+
+def build_model(hf_config: dict, kind: Literal["causal_lm", "value"] = "causal_lm", *, bf16: bool = False,
+                pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                make_vocab_size_divisible_by: int = 128, transformer_impl: str = "auto",
+                parallel_output: bool = True, value_head_init_std: float = 0.02, value_head_seed: int = 1234,
+                **config_overrides: Any) -> torch.nn.Module:
+    """Build the megatron-core model of an HF config for this rank's pipeline stage.
+
+    Args:
+        hf_config: the raw ``config.json`` dict (see :func:`load_hf_config`).
+        kind: ``causal_lm`` (``GPTModel`` with the LM output layer) or ``value``
+            (:class:`posttrain.models.value_model.GPTValueModel`, scalar head).
+        bf16: bfloat16 parameters, wrapped in megatron-core's ``Float16Module`` (which casts outputs of the last
+            stage back to fp32). The value head holds bf16 weights and computes in fp32.
+        pre_process / post_process: whether this stage holds the embedding / the final norm and head; None means
+            "first / last pipeline stage" from megatron-core's parallel state.
+        make_vocab_size_divisible_by: vocabulary padding (see :func:`padded_vocab_size`).
+        transformer_impl: ``auto`` (Transformer Engine spec when TE is importable and CUDA present, else the local
+            spec), ``local`` or ``transformer_engine``.
+        parallel_output: keep logits vocabulary-parallel (the default; override per call with
+            ``runtime_gather_output=True``).
+        value_head_init_std, value_head_seed: initialisation of a fresh value head (``kind="value"``).
+        **config_overrides: ``TransformerConfig`` fields (see :func:`transformer_config_from_hf`).
+
+    Returns:
+        The model; a ``Float16Module`` when ``bf16`` (its ``.module`` is the ``GPTModel``; :func:`unwrap_model`
+        returns it in every case). The inner model carries ``hf_config``, ``model_kind`` and
+        ``real_vocab_size`` attributes; ``vocab_size`` is the padded size.
+
+    Raises:
+        UnsupportedModelError, ValueError, RuntimeError: see :func:`transformer_config_from_hf`; also an unknown
+            ``kind`` / ``transformer_impl``, or ``transformer_engine`` requested without TE and CUDA.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.module import Float16Module
+
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model kind {kind!r} is not supported (supported: {', '.join(MODEL_KINDS)})")
+    if transformer_impl not in ("auto", "local", "transformer_engine"):
+        raise ValueError(f"transformer_impl {transformer_impl!r} must be auto, local or transformer_engine")
+    use_te = transformer_engine_available() if transformer_impl == "auto" else transformer_impl != "local"
+    if use_te and not transformer_engine_available():
+        raise ValueError("transformer_impl=transformer_engine needs Transformer Engine and CUDA")
+
+    arch = parse_hf_config(hf_config)
+    config = transformer_config_from_hf(hf_config, bf16=bf16, **config_overrides)
+    if arch.is_moe:
+        _patch_moe_router_without_te()
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    padded = padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, config.tensor_model_parallel_size)
+    rope_kwargs: dict[str, Any] = {}
+    if arch.rope_type == "llama3":
+        rope_kwargs = dict(rope_scaling=True, rope_scaling_factor=arch.rope_factor)
+    elif arch.rope_type == "linear":
+        rope_kwargs = dict(seq_len_interpolation_factor=arch.rope_factor)
+    common = dict(
+        config=config,
+        transformer_layer_spec=_layer_spec(config, use_te),
+        vocab_size=padded,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=parallel_output,
+        position_embedding_type="rope",
+        rotary_base=arch.rope_theta,
+        **rope_kwargs,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # megatron-core's "Apex is not installed" fallbacks
+        if kind == "causal_lm":
+            model = GPTModel(share_embeddings_and_output_weights=arch.tie_word_embeddings, **common)
+        else:
+            from posttrain.models.value_model import GPTValueModel
+
+            model = GPTValueModel(head_init_std=value_head_init_std, head_seed=value_head_seed, **common)
+    if arch.rope_type == "llama3" and (arch.rope_low_freq_factor, arch.rope_high_freq_factor,
+                                       arch.rope_original_max_position_embeddings) != (1.0, 4.0, 8192):
+        _set_llama3_inv_freq(model, arch)
+    model.hf_config = dict(hf_config)
+    model.model_kind = kind
+    model.real_vocab_size = arch.vocab_size
+    if use_te:
+        model.register_forward_pre_hook(_require_mask_hook, with_kwargs=True)
+    if bf16:
+        # The value head's weights stay bf16 like every other parameter (megatron's mixed-precision optimiser
+        # keeps fp32 master copies of bf16 parameters only and rejects fp32 ones in its checkpoint); the head
+        # still computes in fp32 (ValueHead.forward).
+        model = Float16Module(config, model)
+    return model
+
+
+def _set_llama3_inv_freq(model, arch: ArchSpec) -> None:
+    """Llama 3 RoPE scaling with non-default low/high frequency factors or original context length."""
+    rotary = getattr(model, "rotary_pos_emb", None)
+    if rotary is None:
+        return
+    dim = arch.kv_channels
+    base = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    rotary.inv_freq = rotary._apply_scaling(
+        base.to(rotary.inv_freq.device), factor=arch.rope_factor, low_freq_factor=arch.rope_low_freq_factor,
+        high_freq_factor=arch.rope_high_freq_factor,
+        original_max_position_embeddings=arch.rope_original_max_position_embeddings)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The inner ``GPTModel`` / ``GPTValueModel`` under ``Float16Module`` and DDP wrappers (``.module`` chains)."""
+    while not hasattr(model, "model_kind") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def real_vocab_size(model: torch.nn.Module) -> int:
+    """The unpadded vocabulary size of a model from :func:`build_model`: slice gathered logits with it."""
+    return unwrap_model(model).real_vocab_size
