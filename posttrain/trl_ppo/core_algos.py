@@ -192,6 +192,19 @@ def _check_name(kind: str, name: object, valid: Sequence[str]) -> str:
     return name
 
 
+def _registrar(registry: Dict[str, Callable], kind: str, names: Sequence[str]) -> Callable[[Callable], Callable]:
+    """The decorator behind the ``register_*`` functions: adds ``fn`` to ``registry`` under every name."""
+
+    def decorator(fn: Callable) -> Callable:
+        for name in names:
+            if registry.get(name, fn) is not fn:
+                raise ValueError(f"{kind} {name!r} is already registered")
+            registry[name] = fn
+        return fn
+
+    return decorator
+
+
 def _identity(x: Tensor) -> Tensor:
     return x
 
@@ -291,15 +304,7 @@ def register_kl_estimator(*names: str) -> Callable[[KLEstimatorFn], KLEstimatorF
     Raises:
         ValueError: if a name is already taken by another function.
     """
-
-    def decorator(fn: KLEstimatorFn) -> KLEstimatorFn:
-        for name in names:
-            if KL_ESTIMATOR_REGISTRY.get(name, fn) is not fn:
-                raise ValueError(f"KL estimator {name!r} is already registered")
-            KL_ESTIMATOR_REGISTRY[name] = fn
-        return fn
-
-    return decorator
+    return _registrar(KL_ESTIMATOR_REGISTRY, "KL estimator", names)
 
 
 def get_kl_estimator_fn(name: str) -> KLEstimatorFn:
@@ -705,14 +710,7 @@ def register_adv_est(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
     Raises:
         ValueError: if ``name`` is already taken by another function.
     """
-
-    def decorator(fn: AdvantageFn) -> AdvantageFn:
-        if ADV_ESTIMATOR_REGISTRY.get(name, fn) is not fn:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADV_ESTIMATOR_REGISTRY[name] = fn
-        return fn
-
-    return decorator
+    return _registrar(ADV_ESTIMATOR_REGISTRY, "advantage estimator", [name])
 
 
 def get_adv_estimator_fn(name: str) -> AdvantageFn:
@@ -1156,14 +1154,7 @@ def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
     Raises:
         ValueError: if ``name`` is already taken by another function.
     """
-
-    def decorator(fn: PolicyLossFn) -> PolicyLossFn:
-        if POLICY_LOSS_REGISTRY.get(name, fn) is not fn:
-            raise ValueError(f"policy loss {name!r} is already registered")
-        POLICY_LOSS_REGISTRY[name] = fn
-        return fn
-
-    return decorator
+    return _registrar(POLICY_LOSS_REGISTRY, "policy loss", [name])
 
 
 def get_policy_loss_fn(name: str) -> PolicyLossFn:
