@@ -1,0 +1,181 @@
+"""All-or-nothing writing of several Megatron indexed datasets that share one prefix.
+
+The binary format is megatron-core's (:class:`megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder`); this
+module only decides names, dtypes and the order in which files appear:
+
+1. every dataset is built under temporary names ``<name>.bin.tmp-<pid>`` / ``<name>.idx.tmp-<pid>``;
+2. on :meth:`IndexedDatasetWriter.commit` the metadata file is written the same way, any old ``.idx`` of these
+   datasets is removed, then the ``.bin`` files, the metadata and finally the ``.idx`` files are renamed into
+   place, the primary dataset's ``.idx`` last. A dataset only loads once its ``.idx`` exists, so a run that
+   stops at any point never leaves a dataset that loads with the wrong content;
+3. on any error (or Ctrl-C) :meth:`IndexedDatasetWriter.abort` deletes the temporary files, so a failed run leaves
+   no ``.bin``/``.idx`` behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Sequence
+
+import numpy as np
+
+from posttrain.data.errors import DataError
+from posttrain.data.handlers import EncodedChunk, OutputSpec
+
+
+def indexed_dataset_module():
+    """Import ``megatron.core.datasets.indexed_dataset`` without megatron's warnings about optional GPU libraries."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+        warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*")
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
+def dataset_prefix(prefix: str, name: str) -> str:
+    """Path prefix (without ``.bin``/``.idx``) of dataset ``name``: ``<prefix>_<name>_document``."""
+    return f"{prefix}_{name}_document"
+
+
+def meta_path(prefix: str) -> str:
+    """Path of the metadata file written beside the datasets: ``<prefix>_meta.json``."""
+    return f"{prefix}_meta.json"
+
+
+def numpy_dtype(kind: str, vocab_size: int) -> type:
+    """The on-disk dtype of an output kind.
+
+    Token ids use megatron's ``DType.optimal_dtype(vocab_size)``: uint16 below 65,500 ids, else int32.
+    Masks are uint8, ``int32`` and ``float32`` are themselves.
+    """
+    if kind == "token":
+        return indexed_dataset_module().DType.optimal_dtype(vocab_size)
+    return {"mask": np.uint8, "int32": np.int32, "float32": np.float32}[kind]
+
+
+class IndexedDatasetWriter:
+    """Builds the output datasets of one preprocessing run, one document per written row.
+
+    Args:
+        prefix: ``--output-prefix``; datasets go to ``<prefix>_<name>_document.{bin,idx}``.
+        outputs: the datasets, primary first (see :class:`~posttrain.data.handlers.OutputSpec`).
+        vocab_size: number of token ids; picks the token dtype and bounds the ids written.
+
+    Raises:
+        DataError: the output directory does not exist or is not writable.
+    """
+
+    def __init__(self, prefix: str, outputs: Sequence[OutputSpec], vocab_size: int) -> None:
+        directory = os.path.dirname(os.path.abspath(prefix))
+        if not os.path.isdir(directory):
+            raise DataError(f"--output-prefix {prefix}: the directory {directory} does not exist")
+        module = indexed_dataset_module()
+        self.prefix = prefix
+        self.outputs = list(outputs)
+        self.vocab_size = vocab_size
+        self.dtypes = {o.name: numpy_dtype(o.kind, vocab_size) for o in self.outputs}
+        self.documents = 0
+        suffix = f".tmp-{os.getpid()}"
+        self._final = {o.name: dataset_prefix(prefix, o.name) for o in self.outputs}
+        self._tmp_bin = {n: p + ".bin" + suffix for n, p in self._final.items()}
+        self._tmp_idx = {n: p + ".idx" + suffix for n, p in self._final.items()}
+        self._tmp_meta = meta_path(prefix) + suffix
+        self._builders = {}
+        self._moved: list[str] = []
+        self._done = False
+        try:
+            for o in self.outputs:
+                self._builders[o.name] = module.IndexedDatasetBuilder(self._tmp_bin[o.name], dtype=self.dtypes[o.name])
+        except OSError as exc:
+            self.abort()
+            raise DataError(f"--output-prefix {prefix}: cannot write ({exc.strerror or exc})") from None
+
+    @property
+    def dataset_paths(self) -> dict[str, str]:
+        """Output name -> final path prefix of its dataset."""
+        return dict(self._final)
+
+    def add_chunk(self, chunk: EncodedChunk) -> int:
+        """Append the written rows of ``chunk``, one document each, in order.
+
+        Returns:
+            The number of documents added.
+
+        Raises:
+            DataError: a token id outside ``[0, vocab_size)`` (the tokenizer and the vocabulary size disagree).
+        """
+        import torch
+
+        added = None
+        for o in self.outputs:
+            values, lengths = chunk.arrays[o.name]
+            if added is None:
+                added = len(lengths)
+            if o.kind == "token" and values.size and (values.min() < 0 or values.max() >= self.vocab_size):
+                raise DataError(f"token id {int(values.max())} outside the vocabulary of {self.vocab_size} ids")
+            builder = self._builders[o.name]
+            add_item, end_document = builder.add_item, builder.end_document
+            for item in torch.from_numpy(np.ascontiguousarray(values)).split(lengths.tolist()):
+                add_item(item)
+                end_document()
+        self.documents += added or 0
+        return added or 0
+
+    def commit(self, meta: dict) -> dict[str, str]:
+        """Finalize every dataset, write ``meta`` as ``<prefix>_meta.json``, and move everything into place.
+
+        Returns:
+            Output name -> final path prefix of its dataset.
+
+        Raises:
+            DataError: a dataset does not load back with the expected number of documents.
+        """
+        module = indexed_dataset_module()
+        try:
+            for o in self.outputs:
+                self._builders[o.name].finalize(self._tmp_idx[o.name])
+            with open(self._tmp_meta, "w", encoding="utf-8") as handle:
+                json.dump(meta, handle, indent=2, sort_keys=True)
+                handle.write("\n")
+            for name in self._final:
+                if os.path.exists(self._final[name] + ".idx"):
+                    os.remove(self._final[name] + ".idx")
+            moves = [(self._tmp_bin[name], self._final[name] + ".bin") for name in self._final]
+            moves.append((self._tmp_meta, meta_path(self.prefix)))
+            moves += [(self._tmp_idx[o.name], self._final[o.name] + ".idx") for o in reversed(self.outputs)]
+            for source, target in moves:
+                os.replace(source, target)
+                self._moved.append(target)
+            self._done = True
+        except BaseException:
+            self.abort()
+            raise
+        for name, path in self._final.items():
+            dataset = module.IndexedDataset(path)
+            if len(dataset) != self.documents or len(dataset.document_indices) != self.documents + 1:
+                del dataset
+                self.abort()
+                raise DataError(f"{path}: wrote {self.documents} documents but {len(dataset)} load back")
+        return dict(self._final)
+
+    def abort(self) -> None:
+        """Close and delete every temporary file, and any file a failed :meth:`commit` already moved into place."""
+        for builder in self._builders.values():
+            try:
+                builder.data_file.close()
+            except Exception:
+                pass
+        moved_idx = [p for p in self._moved if p.endswith(".idx")]
+        leftovers = [*moved_idx, *self._tmp_idx.values(), *self._tmp_bin.values(), self._tmp_meta, *self._moved]
+        for path in dict.fromkeys(leftovers):
+            if os.path.exists(path):
+                os.remove(path)
+        self._moved.clear()
+
+    def __enter__(self) -> "IndexedDatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not self._done:
+            self.abort()
