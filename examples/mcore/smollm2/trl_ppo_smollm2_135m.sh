@@ -11,8 +11,9 @@
 #   REWARD_MODEL  a reward checkpoint to use; otherwise RM=train (default) trains one with
 #                 rm_smollm2_135m.sh, RM=fresh converts the SFT model with a freshly initialised value head
 #                 (an untrained reward: PPO then optimises noise, useful only to exercise the pipeline)
-#   TP, PP        parallel layout over the 2 processes (default TP=2, PP=1)
-#   ITERS, GBS, MBS, MAX_NEW_TOKENS, LR, PRECISION (bf16|fp32), EVAL_INTERVAL, SAVE_INTERVAL
+#   TP, PP        parallel layout over the 2 processes (default TP=1, PP=1: DP=2; SmolLM2 has 9 attention
+#                 heads and 3 KV heads, so TP must divide 3 and TP=2 is impossible for it)
+#   ITERS, GBS, MBS, MAX_NEW_TOKENS, LR, PRECISION (bf16|fp32), EVAL_INTERVAL, EVAL_SAMPLES, SAVE_INTERVAL
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 cd "$REPO"
@@ -20,7 +21,7 @@ OUT=${OUT:-outputs/smollm2}
 DATA=${DATA:-../shared/data/alpaca_en_800.parquet}
 EVAL_DATA=${EVAL_DATA-../shared/data/alpaca_en_199_eval.parquet}
 RM=${RM:-train}
-TP=${TP:-2}; PP=${PP:-1}
+TP=${TP:-1}; PP=${PP:-1}
 ITERS=${ITERS:-20}; GBS=${GBS:-8}; MBS=${MBS:-4}; MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}; LR=${LR:-1e-6}
 PRECISION=${PRECISION:-bf16}; EVAL_INTERVAL=${EVAL_INTERVAL:-10}; SAVE_INTERVAL=${SAVE_INTERVAL:-10}
 NPROC=${NPROC:-2}
@@ -28,7 +29,7 @@ NPROC=${NPROC:-2}
 bash scripts/install.sh
 PY="$REPO/.venv/bin/python"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-mkdir -p "$OUT"
+mkdir -p "$OUT/data"
 
 echo "== example model"
 HF_DIR=$("$PY" tools/prepare_example_model.py)
@@ -72,7 +73,7 @@ if [ -n "$EVAL_DATA" ]; then
       --output-prefix "$OUT/data/alpaca_eval" --workers 2 --log-interval 400 \
       --handler-name PPOAlpacaStyleInstructionHandler --prompt-type hf --seq-length 256
   fi
-  EVAL_ARGS=(--eval-data-path "$OUT/data/alpaca_eval" --eval-interval "$EVAL_INTERVAL" --eval-samples 32)
+  EVAL_ARGS=(--eval-data-path "$OUT/data/alpaca_eval" --eval-interval "$EVAL_INTERVAL" --eval-samples "${EVAL_SAMPLES:-32}")
 fi
 PRECISION_ARGS=()
 [ "$PRECISION" = "bf16" ] && PRECISION_ARGS=(--bf16)
