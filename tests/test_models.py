@@ -32,9 +32,11 @@ N_PROMPTS = 3
 @pytest.fixture(scope="module", autouse=True)
 def megatron_single_process():
     """megatron-core parallel state at TP = PP = EP = 1 in the pytest process."""
-    from posttrain.distributed import initialize_distributed
+    from posttrain.distributed import destroy_distributed, initialize_distributed
 
     initialize_distributed(1, 1, 1, seed=1234)
+    yield
+    destroy_distributed()
 
 
 def alpaca_batch(tokenizer, shared_data: Path, n: int = N_PROMPTS, offset: int = 0) -> dict:
