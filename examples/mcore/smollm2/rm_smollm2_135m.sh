@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reward model on SmolLM2-135M-Instruct from real preference pairs (dpo_en_250), on CPU with 2 processes (DP=2).
+# Reward model on SmolLM2-135M-Instruct from real preference pairs (dpo_en_250), on CPU with 2 processes (DP=2, fp32).
 #
 #   bash examples/mcore/smollm2/rm_smollm2_135m.sh
 #
@@ -18,19 +18,21 @@
 # Settings come from the environment:
 #   OUT         outputs (default outputs/smollm2)
 #   DATA        training pairs (../shared/data/dpo_en_250.parquet)   EVAL_DATA  held-out pairs (dpo_en_50_eval)
-#   SEQ         longest sequence in tokens (384); longer pairs are truncated (TRUNCATION=truncate, the prompt keeps
-#               its last tokens but at least MAX_PROMPT (128) of them) or skipped (TRUNCATION=skip)
-#   EPOCHS (1), GBS pairs per step (16), MBS pairs per micro-batch and rank (2), LR (2e-5, cosine to LR/10),
-#   PRECISION (bf16|fp32), SAVE_INTERVAL (0: only the final checkpoint), NPROC (2), TP (1)
+#   SEQ         longest sequence in tokens (192); longer pairs are truncated (TRUNCATION=truncate, the prompt keeps
+#               its last tokens but at least MAX_PROMPT (64) of them) or skipped (TRUNCATION=skip)
+#   EPOCHS (1), GBS pairs per step (8), MBS pairs per micro-batch and rank (2), LR (5e-5, cosine to LR/10),
+#   HEAD_STD std of the fresh head (0.0017 = 1 / (hidden + 1), OpenRLHF's choice: scores start near 0),
+#   PRECISION (fp32|bf16; fp32 by default: CPUs without AVX512-BF16/AMX run bf16 matmuls ~50x slower than fp32),
+#   EVAL_INTERVAL (0: evaluate at the end only), SAVE_INTERVAL (0: only the final checkpoint), NPROC (2), TP (1)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 cd "$REPO"
 OUT=${OUT:-outputs/smollm2}
 DATA=${DATA:-../shared/data/dpo_en_250.parquet}
 EVAL_DATA=${EVAL_DATA:-../shared/data/dpo_en_50_eval.parquet}
-SEQ=${SEQ:-384}; MAX_PROMPT=${MAX_PROMPT:-128}; TRUNCATION=${TRUNCATION:-truncate}
-EPOCHS=${EPOCHS:-1}; GBS=${GBS:-16}; MBS=${MBS:-2}; LR=${LR:-2e-5}
-PRECISION=${PRECISION:-bf16}; SAVE_INTERVAL=${SAVE_INTERVAL:-0}; NPROC=${NPROC:-2}; TP=${TP:-1}
+SEQ=${SEQ:-192}; MAX_PROMPT=${MAX_PROMPT:-64}; TRUNCATION=${TRUNCATION:-truncate}
+EPOCHS=${EPOCHS:-1}; GBS=${GBS:-8}; MBS=${MBS:-2}; LR=${LR:-5e-5}; HEAD_STD=${HEAD_STD:-0.0017}
+PRECISION=${PRECISION:-fp32}; EVAL_INTERVAL=${EVAL_INTERVAL:-0}; SAVE_INTERVAL=${SAVE_INTERVAL:-0}; NPROC=${NPROC:-2}; TP=${TP:-1}
 START=$SECONDS
 
 bash scripts/install.sh
@@ -44,7 +46,7 @@ HF_DIR=$("$PY" tools/prepare_example_model.py)
 echo "== value checkpoint with a fresh head"
 if [ ! -f "$OUT/rm_init_mcore/posttrain_checkpoint.json" ]; then
   "$PY" convert_ckpt.py --direction hf2mcore --load-dir "$HF_DIR" --save-dir "$OUT/rm_init_mcore" \
-    --model-kind value --init-value-head --overwrite
+    --model-kind value --init-value-head --value-head-init-std "$HEAD_STD" --overwrite
 fi
 
 echo "== preference pairs"
@@ -67,9 +69,9 @@ echo "== reward model training"
   --data-path "$OUT/data/dpo_train" --eval-data-path "$OUT/data/dpo_eval" \
   --seq-length "$SEQ" --truncation "$TRUNCATION" --max-prompt-length "$MAX_PROMPT" \
   --micro-batch-size "$MBS" --global-batch-size "$GBS" --num-epochs "$EPOCHS" \
-  --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-iters 1 --weight-decay 0.0 --clip-grad 1.0 \
+  --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-iters 2 --weight-decay 0.0 --clip-grad 1.0 \
   --tensor-model-parallel-size "$TP" "${PRECISION_ARGS[@]}" \
-  --save-interval "$SAVE_INTERVAL" --log-interval 1 --tensorboard-dir "$OUT/rm/tensorboard"
+  --eval-interval "$EVAL_INTERVAL" --save-interval "$SAVE_INTERVAL" --log-interval 1 --tensorboard-dir "$OUT/rm/tensorboard"
 
 LATEST=$(cat "$OUT/rm/latest_checkpointed_iteration.txt")
 FINAL="$OUT/rm/iter_$(printf %07d "$LATEST")/model"
