@@ -262,6 +262,8 @@ def run_posttrain(prep: dict, precision: str, args, py: str, out_dir: Path) -> d
     cmd += ["--ignore-eos"] if ignore_eos else []
     cmd += args.posttrain_args
     env = dict(os.environ, PYTHONPATH=str(args.posttrain_repo))
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     metrics_path = run_dir / "metrics.jsonl"
 
     def progress() -> int:
@@ -301,6 +303,8 @@ def run_trl(prep: dict, precision: str, args, trl_py: str, out_dir: Path) -> dic
            "--output-dir", run_dir / "trainer", "--result", result]
     cmd += ["--autocast"] if args.trl_autocast and precision == "bf16" else []
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     log(f"TRL {precision}: {args.warmup + args.iters} iterations")
     measured = run_measured(cmd, env, run_dir / "log.txt")
     measured.pop("cpu_marks")
@@ -333,6 +337,9 @@ def main(argv=None) -> int:
                              "PPOConfig(bf16=True) computes in fp32 (see bench/trl_ppo_reference.py)")
     parser.add_argument("--stop-at-eos", action="store_true",
                         help="do not pass --ignore-eos even when posttrain has it")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS for both systems (default: torch's choice, all cores); 1 gives CPU "
+                             "seconds that hold up on a machine shared with other jobs")
     parser.add_argument("--max-busy", type=float, default=0.3,
                         help="wait while other processes keep more than this many cores busy")
     parser.add_argument("--max-wait", type=float, default=1200.0, help="seconds of waiting for a quiet machine")
@@ -373,7 +380,8 @@ def main(argv=None) -> int:
 
     print()
     print(f"workload P: SmolLM2-135M-Instruct x4, {BATCH} prompts x {NEW_TOKENS} new tokens, sampled, 1 PPO epoch; "
-          f"median of {args.iters} iterations after {args.warmup} warm-up; {os.cpu_count()} CPUs")
+          f"median of {args.iters} iterations after {args.warmup} warm-up; {os.cpu_count()} CPUs, "
+          f"{args.threads or 'default'} threads")
     header = (f"{'system':<10} {'dtype':<5} {'s/iter':>7} {'cpu-s/iter':>10} {'peak RSS GiB':>12} {'ratio':>6}  "
               f"{'gen/exp/train s':>17}  {'load 1m before':>14} {'others':>6}  note")
     print(header)
