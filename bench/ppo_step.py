@@ -169,17 +169,20 @@ def wait_until_quiet(max_busy: float, budget: dict, window: float = 5.0) -> floa
 
 
 def _tree_rss(proc) -> int:
+    """Resident memory of the process tree: RSS of a lone process; the sum of PSS (shared pages split between
+    the processes sharing them) when it has children, e.g. workers forked by a checkpoint save, whose RSS would
+    count the parent's copy-on-write pages again."""
     import psutil
 
-    total = 0
     try:
         procs = [proc] + proc.children(recursive=True)
     except psutil.NoSuchProcess:
         return 0
+    total = 0
     for p in procs:
         try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
+            total += p.memory_full_info().pss if len(procs) > 1 else p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return total
 
@@ -311,6 +314,9 @@ def run_trl(prep: dict, precision: str, args, trl_py: str, out_dir: Path) -> dic
     data = json.loads(result.read_text())
     timed = data["iteration_s"][args.warmup:]
     cpu = data.get("iteration_cpu_s", [])[args.warmup:]
+    phases = data.get("phases_s", [])[args.warmup:]
+    if phases:
+        measured["phases_s"] = {k: statistics.median(p[k] for p in phases) for k in ("generate", "experience", "train")}
     measured.update({"iteration_s": data["iteration_s"], "median_s": statistics.median(timed), "cpu_s": cpu,
                      "median_cpu_s": statistics.median(cpu) if cpu else float("nan"),
                      "response_lengths": data["response_lengths"], "versions": {

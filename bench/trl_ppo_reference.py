@@ -22,7 +22,8 @@ posttrain's default.
 
 Each iteration's wall time is taken between consecutive ``on_step_end`` callbacks (the first from
 ``on_train_begin``), with the process's CPU seconds over the same spans. Writes ``--result`` as JSON:
-``iteration_s`` and ``iteration_cpu_s`` (every iteration), ``response_lengths``,
+``iteration_s`` and ``iteration_cpu_s`` (every iteration), ``phases_s`` (generation; the experience's no-grad
+forwards of reference, value and reward models; the rest: the PPO update), ``response_lengths``,
 versions, threads.
 """
 from __future__ import annotations
@@ -92,16 +93,35 @@ def main() -> int:
         seed=args.seed, dataloader_num_workers=0,
     )
 
-    # record the generated lengths (TRL pads nothing without a stop token: every response is response_length)
+    # phase times (TRL has no timers): generation, the no-grad forwards of the experience (reference, value and
+    # reward models), the rest is the PPO update; and the generated lengths (every response is response_length)
     response_lengths: list[int] = []
+    phase = {"generate": 0.0, "experience": 0.0}
     original_batch_generation = ppo_module.batch_generation
+    original_forward = ppo_module.forward
+    original_get_reward = ppo_module.get_reward
 
     def batch_generation(model, queries, *rest, **kwargs):
+        start = time.perf_counter()
         out = original_batch_generation(model, queries, *rest, **kwargs)
+        phase["generate"] += time.perf_counter() - start
         response_lengths.append(int(out[0].shape[1] - queries.shape[1]))
         return out
 
+    def timed_no_grad(fn):
+        def wrapper(*a, **k):
+            if torch.is_grad_enabled():
+                return fn(*a, **k)
+            start = time.perf_counter()
+            out = fn(*a, **k)
+            phase["experience"] += time.perf_counter() - start
+            return out
+        return wrapper
+
     ppo_module.batch_generation = batch_generation
+    ppo_module.forward = timed_no_grad(original_forward)
+    ppo_module.get_reward = timed_no_grad(original_get_reward)
+    phases: list[dict] = []
 
     marks: list[float] = []
     cpu_marks: list[float] = []
@@ -114,6 +134,10 @@ def main() -> int:
         def on_step_end(self, *a, **k):
             marks.append(time.perf_counter())
             cpu_marks.append(time.process_time())
+            total = marks[-1] - marks[-2]
+            phases.append({"generate": phase["generate"], "experience": phase["experience"],
+                           "train": total - phase["generate"] - phase["experience"]})
+            phase.update(generate=0.0, experience=0.0)
             print(f"[trl] iteration {len(marks) - 1}: {marks[-1] - marks[-2]:.3f} s", flush=True)
 
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref_policy,
@@ -124,7 +148,7 @@ def main() -> int:
     trainer.train()
     times = [b - a for a, b in zip(marks, marks[1:])]
     cpu = [b - a for a, b in zip(cpu_marks, cpu_marks[1:])]
-    result = {"iteration_s": times, "iteration_cpu_s": cpu, "warmup": args.warmup, "response_lengths": response_lengths,
+    result = {"iteration_s": times, "iteration_cpu_s": cpu, "phases_s": phases, "warmup": args.warmup, "response_lengths": response_lengths,
               "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
               "threads": torch.get_num_threads(), "precision": args.precision, "mixed_precision": mixed_precision}
     with open(args.result, "w") as f:

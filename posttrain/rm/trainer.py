@@ -470,7 +470,7 @@ class RewardModelTrainer:
         from posttrain.training import MetricsLogger
 
         self.logger = MetricsLogger(self.ckpt.save, self.log_args.tensorboard_dir, resume_iteration=self.iteration)
-        saved_at, path = None, None
+        saved_at, path, start_iteration = None, None, self.iteration
         start = time.perf_counter()
         try:
             while self.iteration < self.train_iters:
@@ -496,8 +496,10 @@ class RewardModelTrainer:
             if self.iteration == self.train_iters and self.eval_pairs is not None and not self.last_eval:
                 self.last_eval = self.evaluate()  # resumed at the end: report the held-out accuracy anyway
                 self._print(self._eval_line(self.last_eval))
-            if self.ckpt.save and saved_at != self.iteration:
+            if self.ckpt.save and saved_at != self.iteration and self.iteration > start_iteration:
                 path = self.save()
+            elif self.resume_dir is not None and self.iteration == start_iteration:
+                path = self.resume_dir / MODEL_DIR  # nothing left to train: the loaded checkpoint is the result
         finally:
             self.logger.close()
         self._print(f"[rm] done: {self.iteration} iterations in {time.perf_counter() - start:.1f} s")
