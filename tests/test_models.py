@@ -293,6 +293,31 @@ def test_gather_last_token_scores_left_and_right_padding():
         gather_last_token_scores(values, torch.zeros(3, 4))
 
 
+def test_pool_scores_last_and_response_mean_against_a_loop():
+    from posttrain.models.value_model import checkpoint_score_pooling, pool_scores
+
+    torch.manual_seed(0)
+    values = torch.randn(3, 6)
+    attention = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    response = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]])  # row 1: 1 pad masked
+    expected = []
+    for row in range(3):
+        picked = [values[row, t].item() for t in range(6) if attention[row, t] and response[row, t]]
+        expected.append(sum(picked) / len(picked))
+    assert pool_scores(values, attention, response, "response_mean").tolist() == pytest.approx(expected, abs=1e-6)
+    assert pool_scores(values, attention, response, "last").tolist() == [values[0, 5], values[1, 3], values[2, 5]]
+    with pytest.raises(ValueError, match="without any response token"):
+        pool_scores(values, attention, torch.zeros(3, 6), "response_mean")
+    with pytest.raises(ValueError, match="needs a response_mask"):
+        pool_scores(values, attention, None, "response_mean")
+    with pytest.raises(ValueError, match="must be one of last, response_mean"):
+        pool_scores(values, attention, response, "max")
+    assert checkpoint_score_pooling({"extra": {}}) == "last"
+    assert checkpoint_score_pooling({"extra": {"score_pooling": "response_mean"}}) == "response_mean"
+    with pytest.raises(ValueError, match="unknown score_pooling 'max'"):
+        checkpoint_score_pooling({"extra": {"score_pooling": "max"}})
+
+
 def test_padded_vocab_size_follows_megatron():
     from posttrain.models import padded_vocab_size
 

@@ -148,7 +148,7 @@ def test_reward_pairs_count_skips_and_truncate(tmp_path):
         (prompt, [30, 31], [30, 31]),                     # identical responses
         (prompt, [], [40]),                               # empty chosen response
         (prompt, list(range(100, 120)), list(range(200, 225))),  # 35 tokens: too long for 16
-        (prompt, [50] * 14 + [51], [50] * 14 + [52]),     # differs only at token 15: identical once truncated
+        (prompt, [50] * 14 + [51, 2], [50] * 14 + [52, 2]),  # differs only at token 15: identical once truncated
     ]
     _write_pairs(tmp_path / "d", pairs)
 
@@ -163,15 +163,18 @@ def test_reward_pairs_count_skips_and_truncate(tmp_path):
                                  "identical_after_truncation": 1}
     long_pair = cut[1]
     # the prompt keeps its last 4 tokens (the longer response needs more than 16 - 10), responses fill the rest
+    # and keep their final (end-of-turn) token
     assert long_pair.prompt_length == 4
-    assert long_pair.chosen_ids.tolist() == prompt[-4:] + list(range(100, 112))
-    assert long_pair.rejected_ids.tolist() == prompt[-4:] + list(range(200, 212))
+    assert long_pair.chosen_ids.tolist() == prompt[-4:] + list(range(100, 111)) + [119]
+    assert long_pair.rejected_ids.tolist() == prompt[-4:] + list(range(200, 211)) + [224]
 
     batch = collate_pairs([cut[0], cut[1]], pad_token_id=0)
     assert batch["input_ids"].shape == (4, 16)
     assert batch["input_ids"][0].tolist() == prompt + [30, 31] + [0] * 4       # chosen rows first
     assert batch["input_ids"][2].tolist() == prompt + [40, 41, 42] + [0] * 3   # then the rejected rows
     assert batch["attention_mask"].sum(1).tolist() == [12, 16, 13, 16]
+    assert batch["response_mask"].sum(1).tolist() == [2, 12, 3, 12]
+    assert batch["response_mask"][1, 4:16].all() and not batch["response_mask"][1, :4].any()
 
 
 def test_reward_pairs_reject_a_prompt_dataset_and_a_missing_path(tmp_path):
@@ -296,6 +299,67 @@ def test_tiny_model_fits_training_pairs_and_saves_a_usable_reward_model(tiny, fi
             rejected = model(pair.rejected_ids[None]).logits.item()
             correct += chosen > rejected
     assert correct / len(pairs) == pytest.approx(records[-1]["eval/accuracy"])
+
+
+def test_response_mean_pooling_is_recorded_and_matches_hf_token_scores(tiny, tmp_path):
+    """``--score-pooling response_mean``: the checkpoint records it, HF export refuses it, and the trainer's
+    accuracy equals the mean of HF ``score`` outputs over the response tokens (exported with the pooling edited
+    to ``last`` so that the per-token head can be read in transformers)."""
+    save = tmp_path / "rm"
+    proc = _ok(_run(_rm_args(tiny, save, "--train-iters", "4", "--score-pooling", "response_mean",
+                             "--eval-data-path", str(tiny / "train"))))
+    assert "score pooling response_mean" in proc.stdout
+    model_dir = save / "iter_0000004" / "model"
+    meta = json.loads((model_dir / "posttrain_checkpoint.json").read_text())
+    assert meta["extra"]["score_pooling"] == "response_mean"
+    refused = _run(["convert_ckpt.py", "--direction", "mcore2hf", "--load-dir", str(model_dir), "--save-dir",
+                    str(tmp_path / "refused")])
+    assert refused.returncode == 1 and "response_mean pooling" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+
+    edited = tmp_path / "as_last"
+    shutil.copytree(model_dir, edited)
+    meta["extra"]["score_pooling"] = "last"
+    (edited / "posttrain_checkpoint.json").write_text(json.dumps(meta))
+    _ok(_run(["convert_ckpt.py", "--direction", "mcore2hf", "--load-dir", str(edited), "--save-dir",
+              str(tmp_path / "hf")]))
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.rm.data import RewardPairs
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    pairs = RewardPairs(tiny / "train", seq_length=96, truncation="truncate")
+    margins = []
+    with torch.no_grad():
+        for i in range(len(pairs)):
+            pair = pairs[i]
+            scores = [model.score(model.model(ids[None]).last_hidden_state)[0, pair.prompt_length:, 0].mean().item()
+                      for ids in (pair.chosen_ids, pair.rejected_ids)]
+            margins.append(scores[0] - scores[1])
+    record = _metrics(save)[-1]
+    assert sum(m > 0 for m in margins) / len(pairs) == pytest.approx(record["eval/accuracy"])
+    assert sum(margins) / len(margins) == pytest.approx(record["eval/reward_margin_mean"], abs=1e-4)
+
+
+@pytest.mark.parametrize("pooling", ["last", "response_mean"])
+def test_ppo_scores_rollouts_with_the_reward_models_pooling(pooling):
+    """The PPO trainer's reward read-out on a left-padded prompt / right-padded response batch."""
+    from types import SimpleNamespace
+
+    from posttrain.trl_ppo.trainer import PPOTrainer, RolloutBatch
+
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    response_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    batch = RolloutBatch(prompt_ids=torch.zeros(2, 3, dtype=torch.long), prompt_mask=prompt_mask,
+                         responses=torch.zeros(2, 4, dtype=torch.long), response_mask=response_mask,
+                         has_eos=torch.tensor([True, False]), group_index=torch.arange(2),
+                         sampler_log_probs=torch.zeros(2, 4))
+    output = torch.arange(14, dtype=torch.float32).reshape(2, 7)  # per-token head outputs over prompt + response
+    scores = PPOTrainer._scores_fn(SimpleNamespace(score_pooling=pooling), output, batch)[:, 0].tolist()
+    if pooling == "last":
+        assert scores == [output[0, 4].item(), output[1, 6].item()]  # the last real response token
+    else:
+        assert scores == pytest.approx([(3 + 4) / 2, (10 + 11 + 12 + 13) / 4])  # response tokens only
 
 
 @pytest.mark.parametrize("layout", [

@@ -37,6 +37,7 @@ from posttrain.models.hf_mapping import (HF_ARCHITECTURES, HFCheckpointReader, M
                                          detect_hf_head, load_hf_into_model, mcore_to_hf, save_hf_safetensors)
 from posttrain.models.provider import (MODEL_KINDS, SUPPORTED_MODEL_TYPES, UnsupportedModelError, build_model,
                                        load_hf_config, padded_vocab_size, parse_hf_config, validate_parallel_layout)
+from posttrain.models.value_model import checkpoint_score_pooling
 
 DIRECTIONS = ("hf2mcore", "mcore2hf", "mcore2mcore")
 TARGET_FLAGS = ("--target-tensor-parallel-size", "--target-pipeline-parallel-size", "--target-expert-parallel-size")
@@ -214,6 +215,9 @@ def convert_mcore_to_hf(load_dir: str | Path, save_dir: str | Path, *, tokenizer
     load_dir, save_dir = Path(load_dir), Path(save_dir)
     meta = read_checkpoint_meta(load_dir)
     hf_config, kind = meta["hf_config"], meta["model_kind"]
+    if kind == "value" and checkpoint_score_pooling(meta) != "last":
+        raise ConversionError(f"{load_dir}: this reward model scores with {checkpoint_score_pooling(meta)} pooling; "
+                              "HF *ForSequenceClassification scores the last token only")
     arch = parse_hf_config(hf_config)
     dtype_name = dtype or arch.dtype or "float32"
     if dtype_name not in _DTYPES:

@@ -8,6 +8,8 @@ so ``dist_checkpointing`` saves and reshards it like any other weight (one copy,
 
 A HF ``*ForSequenceClassification`` model with ``num_labels=1`` is the same network without the bias (its
 ``score`` layer); :func:`gather_last_token_scores` picks the value of the last real token, as HF does.
+:func:`pool_scores` also offers ``response_mean``, the mean of the per-token values over the response tokens
+(the head is linear, so this is the head applied to the mean-pooled response hidden state).
 """
 from __future__ import annotations
 
@@ -127,3 +129,57 @@ def gather_last_token_scores(values: torch.Tensor, attention_mask: torch.Tensor)
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     last = torch.where(mask, positions, torch.full_like(positions, -1)).argmax(-1)
     return values.gather(1, last.unsqueeze(1)).squeeze(1)
+
+
+SCORE_POOLINGS = ("last", "response_mean")
+"""How a reward model turns per-token head outputs into one score per sequence (checkpoint key ``score_pooling``).
+
+* ``last``: the value at the last real token (HF ``*ForSequenceClassification``, TRL, OpenRLHF, verl).
+* ``response_mean``: the mean of the values over the response tokens. It reads every response token instead of
+  one position, which makes a reward model far more sample-efficient on small preference sets; HF sequence
+  classifiers cannot express it, so such a model does not export to HF.
+"""
+
+
+def checkpoint_score_pooling(meta: dict) -> str:
+    """The ``score_pooling`` recorded in a value checkpoint's metadata (``extra``), ``last`` when absent.
+
+    Raises:
+        ValueError: the recorded pooling is not one of :data:`SCORE_POOLINGS`.
+    """
+    pooling = (meta.get("extra") or {}).get("score_pooling") or "last"
+    if pooling not in SCORE_POOLINGS:
+        raise ValueError(f"unknown score_pooling {pooling!r} in checkpoint metadata "
+                         f"(expected one of {', '.join(SCORE_POOLINGS)})")
+    return pooling
+
+
+def pool_scores(values: torch.Tensor, attention_mask: torch.Tensor, response_mask: Optional[torch.Tensor] = None,
+                pooling: str = "last") -> torch.Tensor:
+    """One score per sequence from per-token values.
+
+    Args:
+        values: ``[batch, seq]`` per-token head outputs.
+        attention_mask: ``[batch, seq]``, 1 / True for real tokens.
+        response_mask: ``[batch, seq]``, 1 / True for response tokens (aligned with ``values``; needed for
+            ``response_mean``).
+        pooling: one of :data:`SCORE_POOLINGS`.
+
+    Returns:
+        ``[batch]`` scores: ``last`` as :func:`gather_last_token_scores`; ``response_mean`` is
+        ``sum(values * response_mask) / sum(response_mask)`` per row, in the dtype of ``values``.
+
+    Raises:
+        ValueError: unknown pooling, missing or misshapen ``response_mask``, a row without a response token.
+    """
+    if pooling == "last":
+        return gather_last_token_scores(values, attention_mask)
+    if pooling != "response_mean":
+        raise ValueError(f"score pooling must be one of {', '.join(SCORE_POOLINGS)}, got {pooling!r}")
+    if response_mask is None or response_mask.shape != values.shape:
+        raise ValueError(f"response_mean pooling needs a response_mask shaped like values {tuple(values.shape)}")
+    mask = (response_mask.bool() & attention_mask.bool()).to(values.dtype)
+    count = mask.sum(-1)
+    if not bool((count > 0).all()):
+        raise ValueError("response_mask has a row without any response token")
+    return (values * mask).sum(-1) / count

@@ -9,9 +9,12 @@ Length policy (``--truncation``), for a pair whose longer sequence has more than
 * ``skip`` (default): the pair is not used and is counted as ``too_long``.
 * ``truncate``: the prompt keeps its **last** tokens (the question and the assistant prefix; what is cut is the
   start of a long history or system prompt), but never fewer than ``--max-prompt-length`` unless it is shorter
-  than that; then both responses are cut to the tokens that remain. A pair whose truncated responses become
-  identical is counted as ``identical_after_truncation`` and skipped. Truncated responses lose their end-of-turn
-  token; the score is read at their last kept token.
+  than that; then both responses are cut to the tokens that remain, **keeping their final token** (the
+  template's end-of-turn token): a response of ``n`` tokens cut to ``k`` is its first ``k - 1`` tokens followed by
+  its last one, as OpenRLHF's ``RewardDataset`` forces EOS on truncated sequences. The score is therefore always
+  read at an end-of-turn token, the position it is read at for complete responses and for PPO rollouts that
+  stopped at EOS. A pair whose truncated responses become identical is counted as
+  ``identical_after_truncation`` and skipped.
 
 Pairs are also skipped (and counted) when a response is empty (``empty_response``) or when both responses are the
 same tokens (``identical_responses``); the preprocessing handler already drops most of these, this catches datasets
@@ -125,7 +128,8 @@ class RewardPairs:
         prompt_keep = min(prompt, max(self.max_prompt_length, self.seq_length - max(chosen, rejected)))
         budget = self.seq_length - prompt_keep
         keep_chosen, keep_rejected = min(chosen, budget), min(rejected, budget)
-        if keep_chosen == keep_rejected and self._same_tokens(i, prompt, keep_chosen, keep_rejected):
+        if keep_chosen == keep_rejected and self._same_tokens(i, prompt, keep_chosen - 1, keep_rejected - 1) \
+                and self.source.chosen[i][prompt + chosen - 1] == self.source.rejected[i][prompt + rejected - 1]:
             return "identical_after_truncation"
         self._plan[i] = (prompt - prompt_keep, keep_chosen, keep_rejected)
         self.truncated += 1
@@ -149,9 +153,8 @@ class RewardPairs:
             return RewardPair(pair.chosen_ids, pair.rejected_ids, pair.prompt_length, pair.margin)
         cut, keep_chosen, keep_rejected = plan
         prompt = pair.prompt_length
-        chosen = pair.chosen_ids[cut:prompt + keep_chosen]
-        rejected = pair.rejected_ids[cut:prompt + keep_rejected]
-        return RewardPair(chosen, rejected, prompt - cut, pair.margin)
+        return RewardPair(_cut(pair.chosen_ids, cut, prompt + keep_chosen),
+                          _cut(pair.rejected_ids, cut, prompt + keep_rejected), prompt - cut, pair.margin)
 
     def skipped_text(self) -> str:
         """``too_long=3, empty_response=0, ...``."""
@@ -162,6 +165,14 @@ class RewardPairs:
         total = len(self.source)
         return (f"{len(self)} of {total} pairs used (skipped: {self.skipped_text()}; truncated to "
                 f"{self.seq_length} tokens: {self.truncated})")
+
+
+def _cut(ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """``ids[start:end]`` with its last position replaced by ``ids[-1]`` (the response's final token) when ``end``
+    cuts the sequence short; ``ids`` is ``[prompt_len + response_len]``."""
+    if end >= ids.shape[0]:
+        return ids[start:]
+    return torch.cat([ids[start:end - 1], ids[-1:]])
 
 
 def _open_pairwise(prefix: str) -> PairwiseDataset:
@@ -188,7 +199,8 @@ def collate_pairs(pairs: Sequence[RewardPair], pad_token_id: int, length: Option
 
     Returns:
         ``input_ids`` int64 ``[2b, s]`` (rows ``0..b-1`` chosen, ``b..2b-1`` rejected), ``attention_mask`` int64
-        ``[2b, s]`` (1 on real tokens), ``margin`` float32 ``[b]``, ``weights`` float32 ``[b]``.
+        ``[2b, s]`` (1 on real tokens), ``response_mask`` int64 ``[2b, s]`` (1 on response tokens), ``margin``
+        float32 ``[b]``, ``weights`` float32 ``[b]``.
 
     Raises:
         ValueError: no pairs, or a row longer than ``length``.
@@ -202,9 +214,13 @@ def collate_pairs(pairs: Sequence[RewardPair], pad_token_id: int, length: Option
         raise ValueError(f"a sequence has {longest} tokens, more than the padded length {width}")
     input_ids = torch.full((len(rows), width), int(pad_token_id), dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    prompt_lengths = [p.prompt_length for p in pairs] * 2
     for k, row in enumerate(rows):
         input_ids[k, :row.shape[0]] = row.to(torch.long)
         attention_mask[k, :row.shape[0]] = 1
+        response_mask[k, prompt_lengths[k]:row.shape[0]] = 1
     margin = torch.tensor([float(p.margin) for p in pairs], dtype=torch.float32)
     w = torch.ones(len(pairs)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin, "weights": w}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
+            "margin": margin, "weights": w}

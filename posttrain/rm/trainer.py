@@ -9,7 +9,8 @@
 The model is a megatron-core ``GPTModel`` with a scalar head (:class:`posttrain.models.value_model.GPTValueModel`).
 Each iteration takes ``--global-batch-size`` pairs; every micro-batch of ``b`` pairs is one forward pass over
 ``2b`` right-padded rows ``[chosen; rejected]``; the score of a row is the head's output at its last real token
-(:func:`~posttrain.models.value_model.gather_last_token_scores`), and the loss is the pairwise ranking loss of
+or, with ``--score-pooling response_mean``, the mean of its outputs over the response tokens
+(:func:`~posttrain.models.value_model.pool_scores`), and the loss is the pairwise ranking loss of
 :mod:`posttrain.rm.loss` (which also explains why it is the mean over the global batch for every DP size and
 micro-batch count). TP, PP and DP run through the shared machinery of :mod:`posttrain.training`.
 
@@ -54,6 +55,7 @@ import torch
 
 from posttrain.arguments import (ArgumentError, CheckpointArgs, LoggingArgs, OptimizerArgs, ParallelArgs,
                                  add_dataclass_args, arg, dataclass_from_args)
+from posttrain.models.value_model import SCORE_POOLINGS
 from posttrain.rm.data import TRUNCATION_MODES, RewardDataError, RewardPairs, collate_pairs
 from posttrain.rm.loss import finalize_pair_stats, pairwise_loss, STAT_FIELDS
 
@@ -88,10 +90,15 @@ class RewardModelArgs:
                                           "floor(usable pairs / --global-batch-size) steps")
     seq_length: int = arg(1024, "longest sequence (prompt + response) in tokens")
     truncation: str = arg("skip", "pairs longer than --seq-length: skip them (counted) or truncate them (prompt "
-                                  "keeps its last tokens, responses are cut)", choices=list(TRUNCATION_MODES))
+                                  "keeps its last tokens, responses are cut but keep their end-of-turn token)", choices=list(TRUNCATION_MODES))
     max_prompt_length: Optional[int] = arg(None, "with --truncation truncate: prompt tokens always kept "
                                                  "(default: --seq-length / 2)")
     pad_to_multiple_of: int = arg(8, "round each micro-batch's padded length up to a multiple of this")
+    score_pooling: Optional[str] = arg(None, "sequence score from the head's per-token outputs: last (the last "
+                                             "real token, as HF sequence classifiers) or response_mean (their mean "
+                                             "over the response tokens); default: the starting checkpoint's, else "
+                                             "last. Stored in the reward checkpoint for --stage trl_ppo",
+                                       choices=list(SCORE_POOLINGS))
 
     def __post_init__(self):
         if not self.data_path:
@@ -208,6 +215,7 @@ class RewardModelTrainer:
         self.source_meta = read_checkpoint_meta(source)
         self.source = Path(source)
         self.hf_config = self.source_meta["hf_config"]
+        self.score_pooling = rm.score_pooling or self._source_pooling()
         try:
             check_tokenizer_dir(self.source)
             self.tokenizer_dir = self.source
@@ -233,7 +241,7 @@ class RewardModelTrainer:
         self._print(f"[rm] {self.train_iters} iterations of {rm.global_batch_size} pairs "
                     f"({self.sampler.batches_per_epoch} per epoch); TP {par.tensor_model_parallel_size}, PP "
                     f"{par.pipeline_model_parallel_size}, DP {dp}, {self.num_microbatches} micro-batch(es) of "
-                    f"{rm.micro_batch_size} pair(s) per rank")
+                    f"{rm.micro_batch_size} pair(s) per rank; score pooling {self.score_pooling}")
 
         # --- model and optimiser
         self._build_model()
@@ -243,6 +251,17 @@ class RewardModelTrainer:
         self.logger = None
 
     # ------------------------------------------------------------------ set-up
+    def _source_pooling(self) -> str:
+        """Pooling recorded in a value checkpoint we start from or resume (``last`` for a causal LM)."""
+        from posttrain.models.value_model import checkpoint_score_pooling
+
+        if self.source_meta.get("model_kind") != "value":
+            return "last"
+        try:
+            return checkpoint_score_pooling(self.source_meta)
+        except ValueError as exc:
+            raise ArgumentError(f"{self.source}: {exc}") from None
+
     def _print(self, text: str) -> None:
         from posttrain.training import is_rank0
 
@@ -353,14 +372,14 @@ class RewardModelTrainer:
 
     def _forward_step(self, normalizer: Optional[float]):
         from posttrain.models.provider import build_attention_mask, position_ids_from_attention_mask
-        from posttrain.models.value_model import gather_last_token_scores
+        from posttrain.models.value_model import pool_scores
 
         def forward_step(batch: dict, model):
             mask = batch["attention_mask"]
             output = model(batch["input_ids"], position_ids_from_attention_mask(mask), build_attention_mask(mask))
 
             def loss_func(values: torch.Tensor):
-                scores = gather_last_token_scores(values.float(), mask)
+                scores = pool_scores(values.float(), mask, batch["response_mask"], self.score_pooling)
                 half = scores.shape[0] // 2
                 loss, sums = pairwise_loss(scores[:half], scores[half:], batch["margin"], batch["weights"],
                                            normalizer=normalizer)
@@ -430,7 +449,8 @@ class RewardModelTrainer:
         tmp = begin_checkpoint(root, iteration)
         save_model_checkpoint(self.ddp, tmp / MODEL_DIR, model_kind="value", tokenizer_dir=self.tokenizer_dir,
                               iteration=iteration, make_vocab_size_divisible_by=self.opt.make_vocab_size_divisible_by,
-                              extra_meta={"stage": "rm", "train_data": self.args.data_path,
+                              extra_meta={"stage": "rm", "score_pooling": self.score_pooling,
+                                          "train_data": self.args.data_path,
                                           "initialised_from": str(self.args.pretrained_checkpoint or self.source),
                                           "eval": self.last_eval})
         save_optimizer_state(tmp / OPTIMIZER_DIR, self.ddp, self.optimizer, self.scheduler)

@@ -136,6 +136,7 @@ class PPOTrainer:
         from posttrain.data.prompt_dataset import PromptDataset, PromptSampler
         from posttrain.distributed import initialize_distributed
         from posttrain.models.checkpoint import read_checkpoint_meta
+        from posttrain.models.value_model import checkpoint_score_pooling
         from posttrain.training import MetricsLogger, Timer
 
         self.args, self.parallel_args, self.optim_args = ppo, parallel_args, optim
@@ -169,12 +170,17 @@ class PPOTrainer:
         self.vocab_size = actor_meta["hf_config"]["vocab_size"]
         self.reference = self._build("reference", ppo.ref_model, actor_meta, "causal_lm", overrides, train=False)
         self.reward = None
+        self.score_pooling = "last"
         if ppo.reward_model:
             reward_meta = read_checkpoint_meta(ppo.reward_model)
             if reward_meta.get("model_kind") != "value":
                 raise ArgumentError(f"--reward-model {ppo.reward_model} is a {reward_meta.get('model_kind')} "
                                     "checkpoint; it needs a value head (convert_ckpt.py --model-kind value)")
             self._check_vocab("--reward-model", reward_meta)
+            try:
+                self.score_pooling = checkpoint_score_pooling(reward_meta)
+            except ValueError as exc:
+                raise ArgumentError(f"--reward-model {ppo.reward_model}: {exc}") from None
             self.reward = self._build("reward", ppo.reward_model, reward_meta, "value", overrides, train=False)
         critic_path = ppo.critic_model or ppo.reward_model or ppo.ref_model
         critic_meta = read_checkpoint_meta(critic_path)
@@ -390,9 +396,10 @@ class PPOTrainer:
         return output[:, p - 1:p + r - 1].float()
 
     def _scores_fn(self, output, mb):
-        from posttrain.models.value_model import gather_last_token_scores
+        from posttrain.models.value_model import pool_scores
 
-        return gather_last_token_scores(output.float(), mb.attention_mask())[:, None]
+        response_mask = torch.cat([torch.zeros_like(mb.prompt_mask), mb.response_mask], dim=1)
+        return pool_scores(output.float(), mb.attention_mask(), response_mask, self.score_pooling)[:, None]
 
     def decode(self, batch: RolloutBatch) -> tuple[list[str], list[str]]:
         """Prompt and response texts of a batch (special tokens of the response dropped)."""
@@ -403,7 +410,9 @@ class PPOTrainer:
         return prompts, responses
 
     def score(self, batch: RolloutBatch) -> torch.Tensor:
-        """Sequence scores ``[batch]``: reward model at the last real token, plus the rule-based reward."""
+        """Sequence scores ``[batch]``: the reward model's score (at the last real token, or the mean over the
+        response tokens when the reward checkpoint records ``score_pooling: response_mean``), plus the rule-based
+        reward."""
         scores = torch.zeros(batch.batch_size)
         if self.reward is not None:
             scores += self._forward_only(self.reward, batch, self._scores_fn, 1)[:, 0]
@@ -763,7 +772,8 @@ class PPOTrainer:
             print(f" trl_ppo: {self.train_iters} iterations, {self.state.world_size} ranks (TP "
                   f"{self.state.tensor_model_parallel_size}, PP {self.state.pipeline_model_parallel_size}, DP "
                   f"{self.state.data_parallel_size}), rollout {self.args.rollout_size} sequences/iteration, "
-                  f"starting at iteration {self.iteration}", flush=True)
+                  f"starting at iteration {self.iteration}"
+                  + (f", reward score pooling {self.score_pooling}" if self.reward is not None else ""), flush=True)
         while self.iteration < self.train_iters:
             metrics = self.step()
             it = self.iteration

@@ -22,6 +22,8 @@
 #               its last tokens but at least MAX_PROMPT (64) of them) or skipped (TRUNCATION=skip)
 #   EPOCHS (1), GBS pairs per step (8), MBS pairs per micro-batch and rank (2), LR (5e-5, cosine to LR/10),
 #   HEAD_STD std of the fresh head (0.0017 = 1 / (hidden + 1), OpenRLHF's choice: scores start near 0),
+#   POOLING     score pooling (response_mean: mean of the head over the response tokens; last: the last token, the
+#               HF *ForSequenceClassification convention, needed to export the reward model to HF),
 #   PRECISION (fp32|bf16; fp32 by default: CPUs without AVX512-BF16/AMX run bf16 matmuls ~50x slower than fp32),
 #   EVAL_INTERVAL (0: evaluate at the end only), SAVE_INTERVAL (0: only the final checkpoint), NPROC (2), TP (1)
 set -euo pipefail
@@ -32,7 +34,7 @@ DATA=${DATA:-../shared/data/dpo_en_250.parquet}
 EVAL_DATA=${EVAL_DATA:-../shared/data/dpo_en_50_eval.parquet}
 SEQ=${SEQ:-192}; MAX_PROMPT=${MAX_PROMPT:-64}; TRUNCATION=${TRUNCATION:-truncate}
 EPOCHS=${EPOCHS:-1}; GBS=${GBS:-8}; MBS=${MBS:-2}; LR=${LR:-5e-5}; HEAD_STD=${HEAD_STD:-0.0017}
-PRECISION=${PRECISION:-fp32}; EVAL_INTERVAL=${EVAL_INTERVAL:-0}; SAVE_INTERVAL=${SAVE_INTERVAL:-0}; NPROC=${NPROC:-2}; TP=${TP:-1}
+POOLING=${POOLING:-response_mean}; PRECISION=${PRECISION:-fp32}; EVAL_INTERVAL=${EVAL_INTERVAL:-0}; SAVE_INTERVAL=${SAVE_INTERVAL:-0}; NPROC=${NPROC:-2}; TP=${TP:-1}
 START=$SECONDS
 
 bash scripts/install.sh
@@ -67,7 +69,7 @@ echo "== reward model training"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" pretrain_gpt.py --stage rm \
   --pretrained-checkpoint "$OUT/rm_init_mcore" --load "$OUT/rm" --save "$OUT/rm" \
   --data-path "$OUT/data/dpo_train" --eval-data-path "$OUT/data/dpo_eval" \
-  --seq-length "$SEQ" --truncation "$TRUNCATION" --max-prompt-length "$MAX_PROMPT" \
+  --seq-length "$SEQ" --truncation "$TRUNCATION" --max-prompt-length "$MAX_PROMPT" --score-pooling "$POOLING" \
   --micro-batch-size "$MBS" --global-batch-size "$GBS" --num-epochs "$EPOCHS" \
   --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-iters 2 --weight-decay 0.0 --clip-grad 1.0 \
   --tensor-model-parallel-size "$TP" "${PRECISION_ARGS[@]}" \
