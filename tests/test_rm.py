@@ -379,6 +379,19 @@ def test_parallel_layouts_match_world_size_one(tiny, fit_run, layout, tmp_path):
         assert b["tokens"] == a["tokens"]
 
 
+def test_bf16_run_at_dp2_tracks_fp32_and_saves_a_bf16_reward_model(tiny, fit_run, tmp_path):
+    """``--bf16`` (megatron's mixed-precision optimizer, fp32 main weights) at DP = 2: the first iteration's loss
+    is the fp32 run's within bf16 rounding, training proceeds, and the saved reward model is bf16."""
+    save = tmp_path / "rm"
+    _ok(_run(_rm_args(tiny, save, "--train-iters", "4", "--micro-batch-size", "1", "--bf16"), nproc=2))
+    ref, got = _metrics(fit_run[0])[:4], _metrics(save)
+    assert [r["iteration"] for r in got] == [1, 2, 3, 4]
+    assert got[0]["loss"] == pytest.approx(ref[0]["loss"], abs=2e-2)
+    assert all(math.isfinite(r["loss"]) and r["step_skipped"] == 0.0 for r in got)
+    meta = json.loads((save / "iter_0000004" / "model" / "posttrain_checkpoint.json").read_text())
+    assert meta["dtype"] == "bfloat16" and meta["model_kind"] == "value"
+
+
 def test_resume_continues_exactly(tiny, fit_run, tmp_path):
     save = tmp_path / "rm"
     save.mkdir()

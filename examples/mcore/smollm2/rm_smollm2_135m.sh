@@ -24,7 +24,7 @@
 #   HEAD_STD std of the fresh head (0.0017 = 1 / (hidden + 1), OpenRLHF's choice: scores start near 0),
 #   POOLING     score pooling (response_mean: mean of the head over the response tokens; last: the last token, the
 #               HF *ForSequenceClassification convention, needed to export the reward model to HF),
-#   PRECISION (fp32|bf16; fp32 by default: CPUs without AVX512-BF16/AMX run bf16 matmuls ~50x slower than fp32),
+#   PRECISION (fp32|bf16; fp32 by default: CPUs without AVX512-BF16/AMX run bf16 matmuls 50-130x slower than fp32),
 #   EVAL_INTERVAL (0: evaluate at the end only), SAVE_INTERVAL (0: only the final checkpoint), NPROC (2), TP (1)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
