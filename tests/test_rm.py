@@ -302,9 +302,9 @@ def test_tiny_model_fits_training_pairs_and_saves_a_usable_reward_model(tiny, fi
 
 
 def test_response_mean_pooling_is_recorded_and_matches_hf_token_scores(tiny, tmp_path):
-    """``--score-pooling response_mean``: the checkpoint records it, HF export refuses it, and the trainer's
-    accuracy equals the mean of HF ``score`` outputs over the response tokens (exported with the pooling edited
-    to ``last`` so that the per-token head can be read in transformers)."""
+    """``--score-pooling response_mean``: the checkpoint records it, HF export writes a
+    ``*ForTokenClassification``, and the trainer's accuracy and margin equal the mean of that model's per-token
+    logits over the response tokens, computed by transformers."""
     save = tmp_path / "rm"
     proc = _ok(_run(_rm_args(tiny, save, "--train-iters", "4", "--score-pooling", "response_mean",
                              "--eval-data-path", str(tiny / "train"))))
@@ -312,33 +312,40 @@ def test_response_mean_pooling_is_recorded_and_matches_hf_token_scores(tiny, tmp
     model_dir = save / "iter_0000004" / "model"
     meta = json.loads((model_dir / "posttrain_checkpoint.json").read_text())
     assert meta["extra"]["score_pooling"] == "response_mean"
-    refused = _run(["convert_ckpt.py", "--direction", "mcore2hf", "--load-dir", str(model_dir), "--save-dir",
-                    str(tmp_path / "refused")])
-    assert refused.returncode == 1 and "response_mean pooling" in refused.stderr
-    assert not (tmp_path / "refused").exists()
-
-    edited = tmp_path / "as_last"
-    shutil.copytree(model_dir, edited)
-    meta["extra"]["score_pooling"] = "last"
-    (edited / "posttrain_checkpoint.json").write_text(json.dumps(meta))
-    _ok(_run(["convert_ckpt.py", "--direction", "mcore2hf", "--load-dir", str(edited), "--save-dir",
+    _ok(_run(["convert_ckpt.py", "--direction", "mcore2hf", "--load-dir", str(model_dir), "--save-dir",
               str(tmp_path / "hf")]))
-    from transformers import AutoModelForSequenceClassification
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForTokenClassification"] and config["score_pooling"] == "response_mean"
+    from transformers import AutoModelForTokenClassification
 
     from posttrain.rm.data import RewardPairs
 
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    model = AutoModelForTokenClassification.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert model.config.num_labels == 1
     pairs = RewardPairs(tiny / "train", seq_length=96, truncation="truncate")
     margins = []
     with torch.no_grad():
         for i in range(len(pairs)):
             pair = pairs[i]
-            scores = [model.score(model.model(ids[None]).last_hidden_state)[0, pair.prompt_length:, 0].mean().item()
+            scores = [model(ids[None]).logits[0, pair.prompt_length:, 0].mean().item()
                       for ids in (pair.chosen_ids, pair.rejected_ids)]
             margins.append(scores[0] - scores[1])
     record = _metrics(save)[-1]
     assert sum(m > 0 for m in margins) / len(pairs) == pytest.approx(record["eval/accuracy"])
     assert sum(margins) / len(margins) == pytest.approx(record["eval/reward_margin_mean"], abs=1e-4)
+
+    # and back: the token classifier converts to a value checkpoint that keeps the pooling and the head bias
+    _ok(_run(["convert_ckpt.py", "--direction", "hf2mcore", "--load-dir", str(tmp_path / "hf"), "--save-dir",
+              str(tmp_path / "back")]))
+    back = json.loads((tmp_path / "back" / "posttrain_checkpoint.json").read_text())
+    assert back["model_kind"] == "value" and back["extra"]["score_pooling"] == "response_mean"
+    _ok(_run(["convert_ckpt.py", "--direction", "mcore2hf", "--load-dir", str(tmp_path / "back"), "--save-dir",
+              str(tmp_path / "hf2")]))
+    from safetensors.torch import load_file
+
+    first, second = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors")
+    assert first.keys() == second.keys() and "score.bias" in first
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 @pytest.mark.parametrize("pooling", ["last", "response_mean"])

@@ -6,8 +6,9 @@ Directions (``--direction``):
   HF ``*ForSequenceClassification`` directory (``num_labels=1``, the ``score`` head) -> reward / critic checkpoint
   (``--model-kind value``; head bias 0), or an HF causal LM -> value checkpoint with a fresh head
   (``--model-kind value --init-value-head``).
-* ``mcore2hf``: a posttrain checkpoint -> an HF directory that ``transformers`` loads (``*ForCausalLM`` or
-  ``*ForSequenceClassification``; vocabulary padding dropped; config and tokenizer files written).
+* ``mcore2hf``: a posttrain checkpoint -> an HF directory that ``transformers`` loads (``*ForCausalLM``,
+  ``*ForSequenceClassification``, or ``*ForTokenClassification`` for a reward model scored with
+  ``response_mean`` pooling; vocabulary padding dropped; config and tokenizer files written).
 * ``mcore2mcore``: a causal-LM posttrain checkpoint -> value checkpoint with a fresh head
   (``--model-kind value --init-value-head``).
 
@@ -155,7 +156,9 @@ def convert_hf_to_mcore(load_dir: str | Path, save_dir: str | Path, *, model_kin
                         transformer_impl="local", perform_initialization=False,
                         value_head_init_std=value_head_init_std, value_head_seed=seed)
     load_hf_into_model(reader, model, arch, kind, include_value_head=not fresh_head)
+    token_classifier = any(a.endswith("ForTokenClassification") for a in hf_config.get("architectures") or ())
     extra = {"converted_from": str(load_dir.absolute()), "source_kind": source_kind,
+             "score_pooling": (hf_config.get("score_pooling") or "response_mean") if token_classifier else None,
              "value_head": ("initialized" if fresh_head else "from score") if kind == "value" else None,
              "value_head_init_std": value_head_init_std if fresh_head else None,
              "seed": seed if fresh_head else None}
@@ -164,14 +167,22 @@ def convert_hf_to_mcore(load_dir: str | Path, save_dir: str | Path, *, model_kin
                                  overwrite=True)
 
 
-def hf_config_for_export(hf_config: dict, model_kind: str, dtype: torch.dtype) -> dict:
+def hf_config_for_export(hf_config: dict, model_kind: str, dtype: torch.dtype, score_pooling: str = "last") -> dict:
     """The ``config.json`` written by :func:`convert_mcore_to_hf` (architecture class, dtype, labels).
 
-    Warns when a value model has no ``pad_token_id`` (HF sequence classifiers need it to score batches).
+    A value model with ``score_pooling`` ``last`` becomes ``*ForSequenceClassification``; with ``response_mean``
+    it becomes ``*ForTokenClassification`` (per-token scores; the config records ``score_pooling``). Warns when a
+    value model has no ``pad_token_id`` (HF sequence classifiers need it to score batches).
     """
     config = dict(hf_config)
     causal_cls, seqcls_cls = HF_ARCHITECTURES[config["model_type"]]
-    config["architectures"] = [causal_cls if model_kind == "causal_lm" else seqcls_cls]
+    if model_kind == "causal_lm":
+        config["architectures"] = [causal_cls]
+    elif score_pooling == "last":
+        config["architectures"] = [seqcls_cls]
+    else:
+        config["architectures"] = [causal_cls.replace("ForCausalLM", "ForTokenClassification")]
+        config["score_pooling"] = score_pooling
     dtype_name = str(dtype).replace("torch.", "")
     config["dtype"] = dtype_name
     if "torch_dtype" in config:
@@ -201,7 +212,9 @@ def convert_mcore_to_hf(load_dir: str | Path, save_dir: str | Path, *, tokenizer
         dtype: ``float32`` / ``bfloat16`` / ``float16``; None: the dtype declared in the original ``config.json``
             (``float32`` when none).
         drop_value_head_bias: write a value model whose head bias is non-zero anyway (HF's ``score`` layer has
-            no bias, so every score shifts by ``-bias``); otherwise that is an error.
+            no bias, so every score shifts by ``-bias``); otherwise that is an error. A reward model trained with
+            ``--score-pooling response_mean`` is written as ``*ForTokenClassification`` (``num_labels=1``, score
+            bias kept): its per-token logits are the head's outputs, to be averaged over the response tokens.
         overwrite: replace an existing ``save_dir``.
 
     Returns:
@@ -215,9 +228,7 @@ def convert_mcore_to_hf(load_dir: str | Path, save_dir: str | Path, *, tokenizer
     load_dir, save_dir = Path(load_dir), Path(save_dir)
     meta = read_checkpoint_meta(load_dir)
     hf_config, kind = meta["hf_config"], meta["model_kind"]
-    if kind == "value" and checkpoint_score_pooling(meta) != "last":
-        raise ConversionError(f"{load_dir}: this reward model scores with {checkpoint_score_pooling(meta)} pooling; "
-                              "HF *ForSequenceClassification scores the last token only")
+    pooling = checkpoint_score_pooling(meta) if kind == "value" else "last"
     arch = parse_hf_config(hf_config)
     dtype_name = dtype or arch.dtype or "float32"
     if dtype_name not in _DTYPES:
@@ -235,7 +246,10 @@ def convert_mcore_to_hf(load_dir: str | Path, save_dir: str | Path, *, tokenizer
     state = model.state_dict()
     out_dtype = _DTYPES[dtype_name]
     tensors = mcore_to_hf(state, arch, kind, model.vocab_size, dtype=out_dtype)
-    if kind == "value":
+    if kind == "value" and pooling != "last":
+        # *ForTokenClassification: its score layer has a bias, and every token's logit is the head's output
+        tensors["score.bias"] = state["value_head.linear.bias"].detach().to(out_dtype).reshape(1).contiguous()
+    elif kind == "value":
         bias = float(state["value_head.linear.bias"].item())
         if bias != 0.0:
             if not drop_value_head_bias:
@@ -250,7 +264,7 @@ def convert_mcore_to_hf(load_dir: str | Path, save_dir: str | Path, *, tokenizer
     partial.mkdir()
     try:
         save_hf_safetensors(tensors, partial)
-        config = hf_config_for_export(hf_config, kind, out_dtype)
+        config = hf_config_for_export(hf_config, kind, out_dtype, pooling)
         (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for path in copied:
             shutil.copy2(path, partial / path.name)

@@ -252,7 +252,7 @@ def _swiglu(gate: str, up: str, down: str, mcore_prefix: str, hidden: int, ffn: 
 
 
 def build_rules(arch: ArchSpec, model_kind: str, padded_vocab_size: int, *,
-                include_value_head: bool = True) -> list[Rule]:
+                include_value_head: bool = True, value_head_bias: bool = False) -> list[Rule]:
     """All rules for a model (full model at TP = PP = EP = 1).
 
     Args:
@@ -260,6 +260,7 @@ def build_rules(arch: ArchSpec, model_kind: str, padded_vocab_size: int, *,
         model_kind: ``causal_lm`` (``lm_head`` unless tied) or ``value`` (``score`` head).
         padded_vocab_size: rows of the megatron-core embedding / output layer.
         include_value_head: include ``score.weight`` (False when the value head is freshly initialised).
+        value_head_bias: include ``score.bias`` too (``*ForTokenClassification``, whose score layer has a bias).
 
     Returns:
         The rules, in model order.
@@ -307,11 +308,19 @@ def build_rules(arch: ArchSpec, model_kind: str, padded_vocab_size: int, *,
             rules.append(_vocab("lm_head.weight", "output_layer.weight", v, h, padded_vocab_size))
     elif include_value_head:
         rules.append(_identity("score.weight", "value_head.linear.weight", (1, h)))
+        if value_head_bias:
+            rules.append(_identity("score.bias", "value_head.linear.bias", (1,)))
     return rules
 
 
+def _has_score_bias(reader: HFCheckpointReader, model_kind: str, include_value_head: bool) -> bool:
+    """A value model read from an HF ``*ForTokenClassification`` checkpoint (its ``score`` has a bias)."""
+    return model_kind == "value" and include_value_head and "score.bias" in reader.keys()
+
+
 def detect_hf_head(keys: Iterable[str]) -> str:
-    """``value`` when the checkpoint has a ``score`` head (``*ForSequenceClassification``), else ``causal_lm``."""
+    """``value`` when the checkpoint has a ``score`` head (``*ForSequenceClassification`` or
+    ``*ForTokenClassification``), else ``causal_lm``."""
     return "value" if "score.weight" in set(keys) else "causal_lm"
 
 
@@ -322,7 +331,8 @@ def check_hf_checkpoint(reader: HFCheckpointReader, arch: ArchSpec, model_kind: 
     Raises:
         MappingError: a tensor is missing, has the wrong shape, or is not used (the message names file and tensor).
     """
-    rules = build_rules(arch, model_kind, padded_vocab_size, include_value_head=include_value_head)
+    rules = build_rules(arch, model_kind, padded_vocab_size, include_value_head=include_value_head,
+                        value_head_bias=_has_score_bias(reader, model_kind, include_value_head))
     _check_hf_tensors(reader, arch, model_kind, rules, include_value_head)
 
 
@@ -373,12 +383,14 @@ def hf_to_mcore(reader: HFCheckpointReader, arch: ArchSpec, model_kind: str, pad
     Raises:
         MappingError: a tensor is missing, has the wrong shape, or is not used (the message names file and tensor).
     """
-    rules = build_rules(arch, model_kind, padded_vocab_size, include_value_head=include_value_head)
+    bias = _has_score_bias(reader, model_kind, include_value_head)
+    rules = build_rules(arch, model_kind, padded_vocab_size, include_value_head=include_value_head,
+                        value_head_bias=bias)
     _check_hf_tensors(reader, arch, model_kind, rules, include_value_head)
     state = {}
     for rule in rules:
         state[rule.mcore] = rule.to_mcore([reader.get(name).to(dtype) for name in rule.hf])
-    if model_kind == "value" and include_value_head:
+    if model_kind == "value" and include_value_head and not bias:
         state["value_head.linear.bias"] = torch.zeros(1, dtype=dtype)
     return state
 
@@ -396,7 +408,8 @@ def load_hf_into_model(reader: HFCheckpointReader, model: torch.nn.Module, arch:
     """
     params = model.state_dict(keep_vars=True)
     padded = params["embedding.word_embeddings.weight"].shape[0]
-    rules = build_rules(arch, model_kind, padded, include_value_head=include_value_head)
+    bias = _has_score_bias(reader, model_kind, include_value_head)
+    rules = build_rules(arch, model_kind, padded, include_value_head=include_value_head, value_head_bias=bias)
     _check_hf_tensors(reader, arch, model_kind, rules, include_value_head)
     filled = set()
     for rule in rules:
@@ -405,7 +418,7 @@ def load_hf_into_model(reader: HFCheckpointReader, model: torch.nn.Module, arch:
         target = params[rule.mcore]
         target.copy_(rule.to_mcore([reader.get(name).to(target.dtype) for name in rule.hf]))
         filled.add(rule.mcore)
-    if model_kind == "value" and include_value_head:
+    if model_kind == "value" and include_value_head and not bias:
         params["value_head.linear.bias"].zero_()
         filled.add("value_head.linear.bias")
     unfilled = [k for k, v in params.items() if isinstance(v, torch.Tensor) and k not in filled

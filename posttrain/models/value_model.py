@@ -136,8 +136,8 @@ SCORE_POOLINGS = ("last", "response_mean")
 
 * ``last``: the value at the last real token (HF ``*ForSequenceClassification``, TRL, OpenRLHF, verl).
 * ``response_mean``: the mean of the values over the response tokens. It reads every response token instead of
-  one position, which makes a reward model far more sample-efficient on small preference sets; HF sequence
-  classifiers cannot express it, so such a model does not export to HF.
+  one position, which makes a reward model far more sample-efficient on small preference sets. HF sequence
+  classifiers cannot express it: such a model exports to HF as ``*ForTokenClassification`` (per-token scores).
 """
 
 

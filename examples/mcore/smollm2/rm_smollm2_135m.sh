@@ -23,7 +23,7 @@
 #   EPOCHS (1), GBS pairs per step (8), MBS pairs per micro-batch and rank (2), LR (5e-5, cosine to LR/10),
 #   HEAD_STD std of the fresh head (0.0017 = 1 / (hidden + 1), OpenRLHF's choice: scores start near 0),
 #   POOLING     score pooling (response_mean: mean of the head over the response tokens; last: the last token, the
-#               HF *ForSequenceClassification convention, needed to export the reward model to HF),
+#               HF *ForSequenceClassification convention; response_mean models export as *ForTokenClassification),
 #   PRECISION (fp32|bf16; fp32 by default: CPUs without AVX512-BF16/AMX run bf16 matmuls 50-130x slower than fp32),
 #   EVAL_INTERVAL (0: evaluate at the end only), SAVE_INTERVAL (0: only the final checkpoint), NPROC (2), TP (1)
 set -euo pipefail
