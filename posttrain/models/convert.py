@@ -245,11 +245,10 @@ def convert_mcore_to_hf(load_dir: str | Path, save_dir: str | Path, *, tokenizer
     load_model_checkpoint(model, load_dir, strict=True)
     state = model.state_dict()
     out_dtype = _DTYPES[dtype_name]
-    tensors = mcore_to_hf(state, arch, kind, model.vocab_size, dtype=out_dtype)
-    if kind == "value" and pooling != "last":
-        # *ForTokenClassification: its score layer has a bias, and every token's logit is the head's output
-        tensors["score.bias"] = state["value_head.linear.bias"].detach().to(out_dtype).reshape(1).contiguous()
-    elif kind == "value":
+    # a response_mean reward model becomes *ForTokenClassification, whose score layer has a bias
+    token_classifier = kind == "value" and pooling != "last"
+    tensors = mcore_to_hf(state, arch, kind, model.vocab_size, dtype=out_dtype, value_head_bias=token_classifier)
+    if kind == "value" and not token_classifier:
         bias = float(state["value_head.linear.bias"].item())
         if bias != 0.0:
             if not drop_value_head_bias:

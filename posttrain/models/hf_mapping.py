@@ -428,14 +428,15 @@ def load_hf_into_model(reader: HFCheckpointReader, model: torch.nn.Module, arch:
 
 
 def mcore_to_hf(state: Mapping[str, torch.Tensor], arch: ArchSpec, model_kind: str, padded_vocab_size: int, *,
-                dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+                dtype: Optional[torch.dtype] = None, value_head_bias: bool = False) -> dict[str, torch.Tensor]:
     """Map a megatron-core state dict (TP = PP = EP = 1) back to HF tensor names; vocabulary padding is dropped.
 
     Args:
         state: megatron-core key -> tensor (``_extra_state`` entries are ignored).
         arch: the architecture.
-        model_kind: ``causal_lm`` or ``value`` (``value_head.linear.bias`` is not mapped: HF has no bias; the
-            caller decides what a non-zero bias means).
+        model_kind: ``causal_lm`` or ``value`` (``value_head.linear.bias`` is not mapped unless
+            ``value_head_bias``: HF sequence classifiers have no bias; the caller decides what a non-zero one means).
+        value_head_bias: map the head bias to ``score.bias`` (``*ForTokenClassification``).
         padded_vocab_size: embedding rows of the megatron-core model.
         dtype: cast every tensor to this dtype (None keeps it).
 
@@ -446,7 +447,7 @@ def mcore_to_hf(state: Mapping[str, torch.Tensor], arch: ArchSpec, model_kind: s
         MappingError: a megatron-core tensor is missing or has the wrong shape.
     """
     out = {}
-    for rule in build_rules(arch, model_kind, padded_vocab_size):
+    for rule in build_rules(arch, model_kind, padded_vocab_size, value_head_bias=value_head_bias):
         if rule.mcore not in state:
             raise MappingError(f"megatron-core state has no tensor {rule.mcore}")
         parts = rule.to_hf(state[rule.mcore])

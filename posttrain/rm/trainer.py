@@ -252,11 +252,9 @@ class RewardModelTrainer:
 
     # ------------------------------------------------------------------ set-up
     def _source_pooling(self) -> str:
-        """Pooling recorded in a value checkpoint we start from or resume (``last`` for a causal LM)."""
+        """Pooling recorded in the checkpoint we start from or resume (``last`` when it records none)."""
         from posttrain.models.value_model import checkpoint_score_pooling
 
-        if self.source_meta.get("model_kind") != "value":
-            return "last"
         try:
             return checkpoint_score_pooling(self.source_meta)
         except ValueError as exc:
