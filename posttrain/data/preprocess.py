@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -208,9 +209,13 @@ def _iter_chunks(sources: Sequence[InputFile], handler: DatasetHandler, selectio
     refs: list[np.ndarray] = []  # per batch: [n, 2] int64 (file index, row)
     offset = 0  # global index of the current file's first row
     for file_index, source in enumerate(sources):
+        if selection is not None and offset > selection[-1]:
+            break  # every selected row has been read: leave the remaining files unopened
         for batch in source.batches(handler.wanted_columns):
             if selection is not None:
                 first = offset + batch.start
+                if first > selection[-1]:
+                    break  # past the last selected row: read no further batches
                 lo, hi = np.searchsorted(selection, [first, first + batch.num_rows])
                 if lo == hi:
                     continue
@@ -333,7 +338,7 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
     try:
         with IndexedDatasetWriter(config.output_prefix, outputs, tokenizer.vocab_size) as writer, \
                 tqdm(total=num_rows, unit=" docs", disable=not show_bar, file=sys.stderr, dynamic_ncols=True) as bar, \
-                (logging_redirect_tqdm(loggers=[logging.getLogger("posttrain.data")]) if show_bar else _nullcontext()):
+                (logging_redirect_tqdm(loggers=[logging.getLogger("posttrain.data")]) if show_bar else contextlib.nullcontext()):
             if config.workers > 1:
                 pool = _make_pool(config)
             pending: collections.deque = collections.deque()
@@ -387,12 +392,6 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
                             meta_path=meta_path(config.output_prefix), meta=meta)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _build_meta(config: PreprocessConfig, handler: DatasetHandler, template, tokenizer,

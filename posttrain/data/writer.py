@@ -91,11 +91,6 @@ class IndexedDatasetWriter:
             self.abort()
             raise DataError(f"--output-prefix {prefix}: cannot write ({exc.strerror or exc})") from None
 
-    @property
-    def dataset_paths(self) -> dict[str, str]:
-        """Output name -> final path prefix of its dataset."""
-        return dict(self._final)
-
     def add_chunk(self, chunk: EncodedChunk) -> int:
         """Append the written rows of ``chunk``, one document each, in order.
 
