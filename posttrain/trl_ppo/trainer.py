@@ -239,7 +239,7 @@ class PPOTrainer:
 
     def _build(self, name: str, path: str, meta: dict, kind: str, overrides: dict, train: bool,
                lr: Optional[float] = None) -> ModelSlot:
-        from posttrain.models.checkpoint import load_model_checkpoint
+        from posttrain.models.checkpoint import CheckpointError, load_model_checkpoint
         from posttrain.models.provider import build_model
         from posttrain.training import build_optimizer, wrap_ddp
 
@@ -251,8 +251,11 @@ class PPOTrainer:
         model = build_model(hf_config, kind, bf16=self.optim_args.bf16,
                             make_vocab_size_divisible_by=self.optim_args.make_vocab_size_divisible_by,
                             value_head_seed=self.parallel_args.seed, **extra)
-        # a critic initialised from a causal LM keeps its fresh head
-        load_model_checkpoint(model, path, strict=meta.get("model_kind") == kind)
+        # a critic initialised from a causal LM keeps its fresh head; nothing else may be missing
+        result = load_model_checkpoint(model, path, strict=meta.get("model_kind") == kind)
+        missing = [k for k in result["missing_keys"] if not k.startswith("value_head")]
+        if missing:
+            raise CheckpointError(f"{path}: the {name} model's backbone is incomplete (missing {missing[:3]})")
         slot = ModelSlot(name=name, model=model, checkpoint=path, hf_config=hf_config)
         if train:
             slot.ddp = wrap_ddp(model, self.optim_args.use_distributed_optimizer)
