@@ -291,10 +291,7 @@ def convert_mcore_to_value(load_dir: str | Path, save_dir: str | Path, *, value_
         raise ConversionError(f"{load_dir} already holds a {meta['model_kind']} model (--init-value-head needs a "
                               "causal LM)")
     validate_parallel_layout(parse_hf_config(meta["hf_config"]), *target_parallel, flag_names=TARGET_FLAGS)
-    tokenizer = Path(tokenizer_dir) if tokenizer_dir is not None else (
-        load_dir if any(f.name != "generation_config.json" for f in tokenizer_files(load_dir)) else None)
-    if tokenizer_dir is not None:
-        check_tokenizer_dir(tokenizer_dir)
+    tokenizer = _source_tokenizer(load_dir, tokenizer_dir)
     _check_output(save_dir, load_dir, overwrite)
 
     _single_process()
