@@ -1,7 +1,7 @@
 """Training machinery shared by the stages: DDP wrapping, megatron optimiser and LR schedule, forward-backward
 through megatron's pipeline schedules, training-state checkpoints and metric logging.
 
-Everything that touches ``parallel_state`` for training lives here or in :mod:`posttrain.trl_ppo.parallel`; the
+Everything that touches ``parallel_state`` for training lives here or in :mod:`posttrain.parallel`; the
 stage trainers call these functions and never talk to process groups themselves.
 """
 from __future__ import annotations

@@ -159,7 +159,7 @@ def latest_reward_checkpoint(save_dir: str | Path) -> Path:
 
 def _reduce_sums(outputs: list[dict], device: torch.device) -> torch.Tensor:
     """Sum the ``sums`` vectors of the micro-batches (last stage) and over DP ranks; every rank gets the result."""
-    from posttrain.trl_ppo import parallel
+    from posttrain import parallel
 
     total = torch.zeros(len(STAT_FIELDS), dtype=torch.float64, device=device)
     if parallel.is_last_stage():
@@ -170,7 +170,7 @@ def _reduce_sums(outputs: list[dict], device: torch.device) -> torch.Tensor:
 
 
 def _dp_sum(value: float, device: torch.device) -> float:
-    from posttrain.trl_ppo import parallel
+    from posttrain import parallel
 
     return float(parallel.dp_all_reduce(torch.tensor([value], dtype=torch.float64, device=device))[0])
 
@@ -194,7 +194,7 @@ class RewardModelTrainer:
                  log: LoggingArgs):
         from posttrain.data.prompt_dataset import PromptSampler
         from posttrain.distributed import initialize_distributed
-        from posttrain.trl_ppo import parallel
+        from posttrain import parallel
 
         self.args, self.par, self.opt, self.ckpt, self.log_args = rm, par, opt, ckpt, log
         self.state = initialize_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
@@ -413,7 +413,7 @@ class RewardModelTrainer:
         not divide evenly, add whole micro-batches) with weight-0 copies of a real pair, so every rank runs the same
         number of equally shaped micro-batches.
         """
-        from posttrain.trl_ppo import parallel
+        from posttrain import parallel
         from posttrain.training import forward_backward
 
         mbs = self.args.eval_micro_batch_size or self.args.micro_batch_size

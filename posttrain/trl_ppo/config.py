@@ -63,6 +63,8 @@ class PPOArgs:
     top_k: int = arg(0, "top-k sampling (0: off)")
     top_p: float = arg(1.0, "nucleus sampling (1.0: off)")
     stop_token_ids: List[int] = arg(default_factory=list, help="token ids that end a response besides EOS")
+    ignore_eos: bool = arg(False, "generate --max-new-tokens tokens for every prompt, stop tokens included "
+                                  "(vLLM's ignore_eos; for benchmarks on equal work)")
     # rewards and advantages
     kl_coef: float = arg(0.3, "initial KL coefficient (MindSpeed-LLM default 0.3; TRL 0.05)")
     kl_estimator: str = arg("k1", "per-token KL estimator in the reward", choices=KL_ESTIMATORS)

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from posttrain.trl_ppo import parallel
+from posttrain import parallel
 
 
 @dataclass
@@ -33,6 +33,8 @@ class SamplingParams:
         top_p: nucleus sampling, keep the smallest set with cumulative probability >= top_p (1.0: all).
         stop_token_ids: a sequence ends after emitting any of these (EOS and ``--stop-token-ids``).
         pad_token_id: fills responses after their end.
+        ignore_eos: keep generating after a stop token, up to ``max_new_tokens`` (vLLM's ``ignore_eos``; for
+            benchmarks on equal work, the stop token then counts as an ordinary token and ``has_eos`` is False).
     """
 
     max_new_tokens: int
@@ -42,6 +44,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop_token_ids: Sequence[int] = field(default_factory=list)
     pad_token_id: int = 0
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -191,7 +194,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params:
         tokens_out.append(tokens)
         logp_out.append(torch.where(alive, logps, torch.zeros_like(logps)))
         mask_out.append(alive)
-        ended = alive & torch.isin(tokens, stop)
+        ended = alive & torch.isin(tokens, stop) if not params.ignore_eos else torch.zeros_like(alive)
         has_eos |= ended
         done |= ended
         if bool(done.all()) or step == params.max_new_tokens - 1:

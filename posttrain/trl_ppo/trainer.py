@@ -38,7 +38,8 @@ import torch
 
 from posttrain.arguments import (ArgumentError, CheckpointArgs, LoggingArgs, OptimizerArgs, ParallelArgs,
                                  add_dataclass_args, dataclass_from_args)
-from posttrain.trl_ppo import core_algos, parallel
+from posttrain import parallel
+from posttrain.trl_ppo import core_algos
 from posttrain.trl_ppo.config import PPOArgs
 from posttrain.trl_ppo.rollout import SamplingParams, generate
 
@@ -196,7 +197,8 @@ class PPOTrainer:
         self.score_normalizer = core_algos.RunningMeanStd() if ppo.normalize_reward else None
         self.sampling = SamplingParams(max_new_tokens=ppo.max_new_tokens, do_sample=ppo.do_sample,
                                        temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
-                                       stop_token_ids=self.eos_ids, pad_token_id=self.pad_id)
+                                       stop_token_ids=self.eos_ids, pad_token_id=self.pad_id,
+                                       ignore_eos=ppo.ignore_eos)
         self.iteration = 0
         self.skipped_prompts = 0
         if ckpt.load:

@@ -1,4 +1,4 @@
-"""torchrun worker for tests/test_models.py: forward passes of converted checkpoints at TP / PP / EP > 1.
+"""torchrun worker for tests/models/test_provider.py: forward passes of converted checkpoints at TP / PP / EP > 1.
 
 Each ``--case NAME:LAYOUT:CKPT`` runs in turn in the same process group (the parallel layout is re-created when
 it changes from one case to the next, so list cases grouped by layout). Inputs come from ``<out-dir>/inputs.pt``

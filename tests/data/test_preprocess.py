@@ -20,7 +20,7 @@ import pytest
 
 from posttrain.data.preprocess import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 OUTPUT_SUFFIXES = ("_packed_input_ids_document.bin", "_packed_input_ids_document.idx",
                    "_packed_attention_mask_document.bin", "_packed_attention_mask_document.idx", "_meta.json")

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.test_ppo_trainer import REQUIRED_METRICS
+from tests.trl_ppo.test_trainer import REQUIRED_METRICS
 from tests.torchrun_utils import REPO
 
 

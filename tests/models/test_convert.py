@@ -2,7 +2,7 @@
 
 Every bad input must give one ``error: ...`` line, exit status 1 and no output directory (nor a hidden partial
 one). Most cases call ``posttrain.models.convert.main(argv)`` in process; one runs the real CLI in a subprocess.
-(The real SmolLM2 round trip is in tests/test_models.py, next to its converted checkpoint.)
+(The real SmolLM2 round trip is in tests/models/test_provider.py, next to its converted checkpoint.)
 """
 from __future__ import annotations
 
