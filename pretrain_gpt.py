@@ -1,15 +1,30 @@
 #!/usr/bin/env python
 """Training entry point: ``torchrun ... pretrain_gpt.py --stage trl_ppo|rm [flags]``.
 
-``--stage trl_ppo`` runs PPO (posttrain.trl_ppo.trainer); ``--stage rm`` trains a reward model on preference
-pairs (posttrain.rm.trainer). ``pretrain_gpt.py --stage STAGE --help`` lists a stage's flags.
+``--stage trl_ppo`` runs PPO (:mod:`posttrain.trl_ppo.trainer`); ``--stage rm`` trains a reward model on preference
+pairs (:mod:`posttrain.rm.trainer`). ``pretrain_gpt.py --stage STAGE --help`` lists a stage's flags.
 """
+import importlib
 import sys
+import warnings
 
 STAGES = {
-    "trl_ppo": "posttrain.trl_ppo.trainer",
-    "rm": "posttrain.rm.trainer",
+    "trl_ppo": ("posttrain.trl_ppo.trainer", "PPO: actor, reference, critic and reward models (RLHF)"),
+    "rm": ("posttrain.rm.trainer", "reward-model training on preference pairs (pairwise loss)"),
 }
+
+USAGE = """usage: pretrain_gpt.py --stage STAGE [flags]
+       torchrun --nproc_per_node N pretrain_gpt.py --stage STAGE [flags]
+
+stages:
+{stages}
+
+Each stage's flags: pretrain_gpt.py --stage STAGE --help
+"""
+
+
+def _usage() -> str:
+    return USAGE.format(stages="\n".join(f"  {name:<9} {text}" for name, (_, text) in STAGES.items()))
 
 
 def main(argv=None) -> int:
@@ -24,17 +39,17 @@ def main(argv=None) -> int:
             stage = item.split("=", 1)[1]
             del argv[i]
             break
+    if stage is None and any(a in ("-h", "--help") for a in argv):
+        print(_usage())
+        return 0
     if stage not in STAGES:
+        print(_usage(), file=sys.stderr)
         print(f"error: --stage must be one of {', '.join(STAGES)} (got {stage!r})", file=sys.stderr)
         return 2
-    import importlib
-    import warnings
-
     # megatron-core's notices about optional GPU libraries and deprecated torch APIs say nothing actionable here
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category, module=r"(megatron|torch)\..*")
-
-    return importlib.import_module(STAGES[stage]).main(argv)
+    return importlib.import_module(STAGES[stage][0]).main(argv)
 
 
 if __name__ == "__main__":

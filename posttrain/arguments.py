@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from posttrain.errors import InputError
+
 
 def arg(default: Any = dataclasses.MISSING, help: str = "", choices=None, flag: Optional[str] = None,
         default_factory: Any = dataclasses.MISSING, aliases: tuple = ()) -> Any:
@@ -70,8 +72,25 @@ def dataclass_from_args(cls, namespace: argparse.Namespace):
     return cls(**values)
 
 
-class ArgumentError(ValueError):
+class ArgumentError(InputError, ValueError):
     """An invalid flag value or combination; the message names the flag."""
+
+
+def check_range(flag: str, value, *, gt=None, ge=None, lt=None, le=None) -> None:
+    """Raise :class:`ArgumentError` naming ``flag`` unless ``value`` lies in the given bounds.
+
+    Args:
+        flag: the flag as the user types it (``--clip-ratio``).
+        value: the parsed value (None is accepted: an unset optional flag).
+        gt, ge, lt, le: strict / inclusive lower and upper bounds (None: unbounded). NaN is always rejected.
+    """
+    if value is None:
+        return
+    bounds = [(gt, lambda v, b: v > b, ">"), (ge, lambda v, b: v >= b, ">="),
+              (lt, lambda v, b: v < b, "<"), (le, lambda v, b: v <= b, "<=")]
+    wanted = [f"{op} {bound}" for bound, _, op in bounds if bound is not None]
+    if value != value or any(bound is not None and not ok(value, bound) for bound, ok, _ in bounds):
+        raise ArgumentError(f"{flag} must be {' and '.join(wanted)}, got {value}")
 
 
 @dataclass
@@ -82,6 +101,36 @@ class ParallelArgs:
     pipeline_model_parallel_size: int = arg(1, "PP: pipeline stages")
     expert_model_parallel_size: int = arg(1, "EP: ranks sharing the experts of MoE layers")
     seed: int = arg(1234, "random seed (Python, NumPy, torch, megatron RNG tracker, sampling)")
+
+
+@dataclass
+class ModelArgs:
+    """How the models are built: precision, layer implementation, recomputation, vocabulary padding."""
+
+    bf16: bool = arg(False, "bf16 parameters and compute (fp32 master weights and gradient reduction); on CPUs "
+                            "without fast bf16 (no AMX) this is slower than fp32")
+    transformer_impl: str = arg("auto", "layer implementation: transformer_engine (Transformer Engine layer spec, "
+                                        "needs TE and CUDA), local (megatron-core's own layers), or auto (TE when "
+                                        "importable with CUDA, else local)",
+                                choices=["auto", "local", "transformer_engine"])
+    recompute_granularity: Optional[str] = arg(None, "activation recomputation", choices=["full", "selective"])
+    recompute_method: str = arg("uniform", "with --recompute-granularity full", choices=["uniform", "block"])
+    recompute_num_layers: int = arg(1, "layers per recomputed chunk with --recompute-granularity full")
+    make_vocab_size_divisible_by: int = arg(128, "pad the vocabulary to a multiple of this times TP")
+
+    def __post_init__(self):
+        check_range("--recompute-num-layers", self.recompute_num_layers, ge=1)
+        check_range("--make-vocab-size-divisible-by", self.make_vocab_size_divisible_by, ge=1)
+
+    def config_overrides(self) -> dict:
+        """``TransformerConfig`` fields these flags set (recomputation)."""
+        overrides: dict = {}
+        if self.recompute_granularity:
+            overrides["recompute_granularity"] = self.recompute_granularity
+            if self.recompute_granularity == "full":
+                overrides.update(recompute_method=self.recompute_method,
+                                 recompute_num_layers=self.recompute_num_layers)
+        return overrides
 
 
 @dataclass
@@ -98,20 +147,19 @@ class OptimizerArgs:
     adam_beta2: float = arg(0.95, "Adam beta2")
     adam_eps: float = arg(1e-8, "Adam epsilon")
     clip_grad: float = arg(1.0, "gradient clipping by global L2 norm (0 disables)")
-    bf16: bool = arg(False, "bf16 parameters and compute (fp32 master weights and gradient reduction)")
     use_distributed_optimizer: bool = arg(False, "shard optimizer state over data-parallel ranks (ZeRO-1)")
-    recompute_granularity: Optional[str] = arg(None, "activation recomputation", choices=["full", "selective"])
-    recompute_method: str = arg("uniform", "with --recompute-granularity full", choices=["uniform", "block"])
-    recompute_num_layers: int = arg(1, "layers per recomputed chunk with --recompute-granularity full")
-    make_vocab_size_divisible_by: int = arg(128, "pad the vocabulary to a multiple of this times TP")
 
     def __post_init__(self):
-        if self.lr < 0 or self.min_lr < 0:
-            raise ArgumentError("--lr and --min-lr must be >= 0")
+        check_range("--lr", self.lr, ge=0.0)
+        check_range("--min-lr", self.min_lr, ge=0.0)
         if self.min_lr > self.lr and self.lr_decay_style != "constant":
             raise ArgumentError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
-        if self.clip_grad < 0:
-            raise ArgumentError("--clip-grad must be >= 0")
+        check_range("--lr-warmup-iters", self.lr_warmup_iters, ge=0)
+        check_range("--weight-decay", self.weight_decay, ge=0.0)
+        check_range("--adam-beta1", self.adam_beta1, ge=0.0, lt=1.0)
+        check_range("--adam-beta2", self.adam_beta2, ge=0.0, lt=1.0)
+        check_range("--adam-eps", self.adam_eps, gt=0.0)
+        check_range("--clip-grad", self.clip_grad, ge=0.0)
 
 
 @dataclass
@@ -121,17 +169,31 @@ class CheckpointArgs:
     load: Optional[str] = arg(None, "resume from this training checkpoint directory (written by --save)")
     save: Optional[str] = arg(None, "write checkpoints (and metrics.jsonl) here")
     save_interval: int = arg(0, "save every N iterations (0: only at the end when --save is given)")
+    ckpt_keep_last: Optional[int] = arg(None, "keep only the newest N iter_* checkpoints under --save (default: all)")
+    no_save_optim: bool = arg(False, "save models (and trainer state) without optimiser state: smaller, for export; "
+                                     "a resume from such a checkpoint starts fresh optimisers")
+    no_save_rng: bool = arg(False, "save without RNG states")
     no_load_optim: bool = arg(False, "with --load: do not restore optimiser and scheduler state")
     no_load_rng: bool = arg(False, "with --load: do not restore RNG states")
+
+    def __post_init__(self):
+        check_range("--save-interval", self.save_interval, ge=0)
+        if self.ckpt_keep_last is not None:
+            check_range("--ckpt-keep-last", self.ckpt_keep_last, ge=1)
 
 
 @dataclass
 class LoggingArgs:
-    """Console, TensorBoard and JSONL logging."""
+    """Console, metrics.jsonl, TensorBoard and Weights & Biases logging."""
 
     log_interval: int = arg(1, "print metrics every N iterations")
-    tensorboard_dir: Optional[str] = arg(None, "write TensorBoard scalars here")
+    tensorboard_dir: Optional[str] = arg(None, "write TensorBoard scalars (and text samples) here")
+    wandb_project: Optional[str] = arg(None, "log to this Weights & Biases project as well (needs the wandb "
+                                             "package; WANDB_MODE=offline works without a network)")
+    wandb_exp_name: Optional[str] = arg(None, "Weights & Biases run name (default: the --save directory's name)")
+    wandb_save_dir: Optional[str] = arg(None, "Weights & Biases local directory (default: <save>/wandb)")
 
     def __post_init__(self):
-        if self.log_interval < 1:
-            raise ArgumentError("--log-interval must be >= 1")
+        check_range("--log-interval", self.log_interval, ge=1)
+        if (self.wandb_exp_name or self.wandb_save_dir) and not self.wandb_project:
+            raise ArgumentError("--wandb-exp-name and --wandb-save-dir need --wandb-project")

@@ -16,10 +16,12 @@ from datetime import timedelta
 import numpy as np
 import torch
 
+from posttrain.errors import InputError
+
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-class DistributedSetupError(ValueError):
+class DistributedSetupError(InputError, ValueError):
     """Parallel sizes or the launcher's environment do not fit together (message names the flag or variable)."""
 
 

@@ -1,35 +1,48 @@
-"""The parallelism layer of PPO: the one place that talks to megatron-core's process groups.
+"""The parallelism layer: the one place the stages talk to megatron-core's process groups.
 
 * vocabulary-parallel log-probabilities and entropy over logits sharded ``[..., V/TP]`` across tensor-parallel
   ranks (no rank ever materialises the full vocabulary for training);
 * broadcasts of results computed on the last pipeline stage to every stage;
-* sums over the data-parallel group, including the injected reduction that makes ``core_algos`` statistics
-  (advantage whitening, token counts) global.
+* sums and maxima over the data-parallel group, including the injected reduction that makes ``core_algos``
+  statistics (advantage whitening, token counts) global.
 
-:mod:`posttrain.trl_ppo.core_algos` stays free of all of this; the trainer composes the two.
+Collectives run on :func:`comm_device` (the GPU with NCCL, the CPU with gloo); tensors living elsewhere are moved
+there and back. :mod:`posttrain.trl_ppo.core_algos` stays free of all of this; the trainers compose the two.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 
-def _tp_group():
-    from megatron.core import parallel_state
+def comm_device() -> torch.device:
+    """Where collective tensors must live: the current CUDA device with NCCL, else the CPU."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
-    return parallel_state.get_tensor_model_parallel_group()
+
+def _on_comm_device(tensor: torch.Tensor, collective: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """Run the in-place ``collective`` on ``tensor``, moving it to :func:`comm_device` and back when needed."""
+    device = comm_device()
+    if tensor.device == device:
+        collective(tensor)
+        return tensor
+    moved = tensor.to(device)
+    collective(moved)
+    tensor.copy_(moved)
+    return tensor
 
 
 def tp_world_size() -> int:
-    from megatron.core import parallel_state
-
     return parallel_state.get_tensor_model_parallel_world_size()
 
 
 def is_last_stage() -> bool:
-    from megatron.core import parallel_state
-
     return parallel_state.is_pipeline_last_stage()
 
 
@@ -44,17 +57,11 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
         ``logits`` itself when nothing is padded on this shard, else a masked copy.
     """
     shard = logits.shape[-1]
-    start = _tp_rank() * shard
+    start = parallel_state.get_tensor_model_parallel_rank() * shard
     if start + shard <= vocab_size:
         return logits
     ids = torch.arange(start, start + shard, device=logits.device)
     return logits.masked_fill(ids >= vocab_size, torch.finfo(logits.dtype).min / 2)
-
-
-def _tp_rank() -> int:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_tensor_model_parallel_rank()
 
 
 def vocab_parallel_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -73,13 +80,17 @@ def vocab_parallel_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torc
     Returns:
         ``[batch, seq]`` fp32 log-probabilities in nats.
     """
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
     return -vocab_parallel_cross_entropy(logits.float(), labels)
 
 
 def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy ``H = logsumexp(x) - sum softmax(x) * x`` of logits sharded over TP ranks (differentiable).
+    """Entropy of the softmax of logits sharded over TP ranks (differentiable).
+
+    ``H = logsumexp(x) - sum_v softmax(x)_v x_v``, computed on ``x - max(x)`` (the global max over the TP group)
+    as ``log(Z) - sum_v e_v (x_v - max) / Z`` with ``e = exp(x - max)`` and ``Z = sum_v e_v``: every term is
+    bounded, and for peaked distributions (``Z`` close to 1) the two terms are small and subtract without
+    cancellation. Its error against a float64 evaluation is checked in tests/test_parallel.py, including logits
+    scaled by 30.
 
     Args:
         logits: ``[batch, seq, V/TP]``.
@@ -87,13 +98,12 @@ def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[batch, seq]`` fp32 entropy in nats.
     """
-    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
-
     logits = logits.float()
     with torch.no_grad():
         local_max = logits.max(dim=-1, keepdim=True).values
         if tp_world_size() > 1:
-            torch.distributed.all_reduce(local_max, op=torch.distributed.ReduceOp.MAX, group=_tp_group())
+            torch.distributed.all_reduce(local_max, op=torch.distributed.ReduceOp.MAX,
+                                         group=parallel_state.get_tensor_model_parallel_group())
     shifted = logits - local_max
     exp = shifted.exp()
     sum_exp = exp.sum(-1)
@@ -104,44 +114,42 @@ def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
     return sum_exp.log() - weighted / sum_exp
 
 
-def broadcast_from_last_stage(tensor: torch.Tensor | None, shape, dtype) -> torch.Tensor:
+def broadcast_from_last_stage(tensor: Optional[torch.Tensor], shape, dtype) -> torch.Tensor:
     """Give every pipeline stage the tensor the last stage computed (no-op without pipeline parallelism).
 
     Args:
         tensor: the value on the last stage (ignored elsewhere).
         shape, dtype: of the tensor (known on every stage).
-    """
-    from megatron.core import parallel_state
 
+    Returns:
+        The tensor, on :func:`comm_device` on the stages that received it.
+    """
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return tensor
     if not parallel_state.is_pipeline_last_stage():
-        tensor = torch.empty(shape, dtype=dtype)
+        tensor = torch.empty(shape, dtype=dtype, device=comm_device())
     tensor = tensor.contiguous()
-    torch.distributed.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                group=parallel_state.get_pipeline_model_parallel_group())
-    return tensor
+    return _on_comm_device(tensor, lambda t: torch.distributed.broadcast(
+        t, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group()))
 
 
 def broadcast_object_from_last_stage(obj):
     """The last pipeline stage's picklable ``obj`` on every stage (e.g. loss metrics only it computed)."""
-    from megatron.core import parallel_state
-
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return obj
     holder = [obj]
     torch.distributed.broadcast_object_list(holder, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                            group=parallel_state.get_pipeline_model_parallel_group())
+                                            group=parallel_state.get_pipeline_model_parallel_group(),
+                                            device=comm_device())
     return holder[0]
 
 
 def dp_all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
-    """In-place sum (or ``op``) over the data-parallel group; returns the tensor."""
-    from megatron.core import parallel_state
-
+    """In-place sum (or ``op``) over the data-parallel group; returns the tensor (on its own device)."""
     if parallel_state.get_data_parallel_world_size() > 1:
-        torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM,
-                                     group=parallel_state.get_data_parallel_group())
+        _on_comm_device(tensor, lambda t: torch.distributed.all_reduce(
+            t, op=op or torch.distributed.ReduceOp.SUM, group=parallel_state.get_data_parallel_group()))
     return tensor
 
 
@@ -156,20 +164,8 @@ def dp_reduce_fn() -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def dp_world_size() -> int:
-    from megatron.core import parallel_state
-
     return parallel_state.get_data_parallel_world_size()
 
 
 def dp_rank() -> int:
-    from megatron.core import parallel_state
-
     return parallel_state.get_data_parallel_rank()
-
-
-def all_reduce_max_int(value: int) -> int:
-    """Maximum of an integer over all ranks (e.g. to agree on a padded length)."""
-    t = torch.tensor([value], dtype=torch.long)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())

@@ -29,6 +29,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
+from posttrain.data.errors import DatasetFormatError, DatasetNotFoundError
 from posttrain.data.writer import dataset_prefix, indexed_dataset_module, meta_path
 
 PROMPT_IDS = "packed_input_ids"
@@ -58,11 +59,11 @@ def _open(prefix: str, name: str, required: bool = True):
     if not module.IndexedDataset.exists(path):
         if not required:
             return None
-        raise FileNotFoundError(f"{path}.bin / {path}.idx not found (run preprocess_data.py with "
+        raise DatasetNotFoundError(f"{path}.bin / {path}.idx not found (run preprocess_data.py with "
                                 f"--output-prefix {prefix})")
     dataset = module.IndexedDataset(path)
     if len(dataset.document_indices) != len(dataset) + 1:
-        raise ValueError(f"{path}: expected one sequence per document, found {len(dataset)} sequences in "
+        raise DatasetFormatError(f"{path}: expected one sequence per document, found {len(dataset)} sequences in "
                          f"{len(dataset.document_indices) - 1} documents")
     return dataset
 
@@ -177,7 +178,8 @@ class PairwiseDataset(torch.utils.data.Dataset, _MetaMixin):
         self.has_margin = self.margin is not None
         sizes = {len(d) for d in (self.chosen, self.rejected, self.prompt_length, self.margin) if d is not None}
         if len(sizes) != 1:
-            raise ValueError(f"{self.prefix}: the pair datasets hold different numbers of documents {sorted(sizes)}")
+            raise DatasetFormatError(f"{self.prefix}: the pair datasets hold different numbers of documents "
+                                     f"{sorted(sizes)}")
         self._prompt_lengths = np.concatenate(self.prompt_length[0:len(self.prompt_length)]).astype(np.int64) \
             if len(self.prompt_length) else np.zeros(0, dtype=np.int64)
         self.meta = _read_meta(self.prefix)
@@ -236,15 +238,16 @@ def pad_sequences(sequences: Sequence[torch.Tensor], pad_token_id: int, side: st
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     if pad_to_multiple_of < 1:
         raise ValueError(f"pad_to_multiple_of must be at least 1, got {pad_to_multiple_of}")
-    longest = max(int(s.shape[0]) for s in sequences)
-    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        n = int(seq.shape[0])
-        cols = slice(width - n, width) if side == "left" else slice(0, n)
-        input_ids[row, cols] = seq.to(torch.long)
-        mask[row, cols] = 1
+    seqs = [torch.as_tensor(seq, dtype=torch.long) for seq in sequences]
+    input_ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=pad_token_id,
+                                                padding_side=side)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(seq) for seq in seqs], batch_first=True,
+                                           padding_value=0, padding_side=side)
+    extra = -input_ids.shape[1] % pad_to_multiple_of
+    if extra:
+        pad = (extra, 0) if side == "left" else (0, extra)
+        input_ids = torch.nn.functional.pad(input_ids, pad, value=pad_token_id)
+        mask = torch.nn.functional.pad(mask, pad, value=0)
     return input_ids, mask
 
 

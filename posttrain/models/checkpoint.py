@@ -13,20 +13,23 @@ differ too (padded rows are zero). ``AutoTokenizer.from_pretrained(<directory>)`
 sit at the top level. An optimizer checkpoint can be written next to ``model/`` by the trainer; this module only
 handles the model (see :func:`model_sharded_state_dict` to combine them).
 
-Saving is collective (every rank calls it) and atomic: data goes to a hidden sibling directory
-``.<name>.partial`` which rank 0 renames to ``<name>`` once every rank has finished.
+Saving is collective (every rank calls it) and atomic: data goes to a hidden sibling directory ``.<name>.tmp``
+which rank 0 renames to ``<name>`` once every rank has finished (:class:`posttrain.atomic.AtomicDirectory`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-from posttrain.models.provider import MODEL_KINDS, parse_hf_config, unwrap_model
+from posttrain.atomic import AtomicDirectory
+from posttrain.errors import InputError
+from posttrain.models.provider import MODEL_KINDS, model_info, parse_hf_config, unwrap_model
 
 META_FILE = "posttrain_checkpoint.json"
 MODEL_SUBDIR = "model"
@@ -46,7 +49,7 @@ _ARCH_FIELDS = ("model_type", "num_layers", "hidden_size", "num_attention_heads"
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """Not a posttrain checkpoint, or it does not fit the model (message names the directory)."""
 
 
@@ -162,7 +165,8 @@ def _broadcast_error(message: Optional[str]) -> Optional[str]:
 def save_model_checkpoint(model: torch.nn.Module, directory: str | Path, *, hf_config: Optional[dict] = None,
                           model_kind: Optional[str] = None, tokenizer_dir: Optional[str | Path] = None,
                           iteration: Optional[int] = None, extra_meta: Optional[dict] = None,
-                          make_vocab_size_divisible_by: int = 128, overwrite: bool = True) -> Path:
+                          make_vocab_size_divisible_by: Optional[int] = None, overwrite: bool = True,
+                          atomic: bool = True) -> Path:
     """Write the model as a posttrain checkpoint directory (collective: every rank calls it).
 
     Args:
@@ -173,8 +177,10 @@ def save_model_checkpoint(model: torch.nn.Module, directory: str | Path, *, hf_c
         tokenizer_dir: directory whose tokenizer files are copied in (None: no tokenizer).
         iteration: training iteration stored in the metadata.
         extra_meta: JSON-serialisable dict stored under ``extra``.
-        make_vocab_size_divisible_by: recorded for rebuilding the model.
+        make_vocab_size_divisible_by: recorded for rebuilding the model (default: the model's, else 128).
         overwrite: replace an existing ``directory`` (else raise).
+        atomic: write into a hidden temporary and rename it into place (:class:`posttrain.atomic.AtomicDirectory`);
+            False writes in place, for callers that publish a larger directory atomically themselves.
 
     Returns:
         The checkpoint directory.
@@ -187,8 +193,11 @@ def save_model_checkpoint(model: torch.nn.Module, directory: str | Path, *, hf_c
 
     directory = Path(directory).absolute()
     inner = unwrap_model(model)
-    hf_config = dict(hf_config if hf_config is not None else getattr(inner, "hf_config", None) or {})
-    model_kind = model_kind or getattr(inner, "model_kind", None)
+    info = model_info(model)
+    hf_config = dict(hf_config if hf_config is not None else (info.hf_config if info else {}))
+    model_kind = model_kind or (info.kind if info else None)
+    if make_vocab_size_divisible_by is None:
+        make_vocab_size_divisible_by = info.make_vocab_size_divisible_by if info else 128
     if not hf_config:
         raise CheckpointError(f"{directory}: hf_config is required (the model was not built by build_model)")
     if model_kind not in MODEL_KINDS:
@@ -202,14 +211,13 @@ def save_model_checkpoint(model: torch.nn.Module, directory: str | Path, *, hf_c
     if error:
         raise CheckpointError(error)
 
-    partial = directory.parent / f".{directory.name}.partial"
-    if _rank() == 0:
-        if partial.exists():
-            shutil.rmtree(partial)
-        (partial / MODEL_SUBDIR).mkdir(parents=True)
-    _barrier()
-    try:
-        dist_checkpointing.save(model_sharded_state_dict(model), str(partial / MODEL_SUBDIR))
+    with (AtomicDirectory(directory, what=f"model checkpoint {directory.name}") if atomic
+          else contextlib.nullcontext(directory)) as target:
+        target = Path(target)
+        if _rank() == 0:
+            (target / MODEL_SUBDIR).mkdir(parents=True, exist_ok=True)
+        _barrier()
+        dist_checkpointing.save(model_sharded_state_dict(model), str(target / MODEL_SUBDIR))
         if _rank() == 0:
             meta = {
                 "format": FORMAT_NAME,
@@ -231,31 +239,17 @@ def save_model_checkpoint(model: torch.nn.Module, directory: str | Path, *, hf_c
                 "extra": extra_meta or {},
             }
             for path in copied:
-                shutil.copy2(path, partial / path.name)
-            (partial / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+                shutil.copy2(path, target / path.name)
+            (target / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         _barrier()
-        if _rank() == 0:
-            old = directory.parent / f".{directory.name}.old"
-            if directory.exists():
-                if old.exists():
-                    shutil.rmtree(old)
-                directory.rename(old)
-            partial.rename(directory)
-            if old.exists():
-                shutil.rmtree(old)
-    except BaseException:
-        if _rank() == 0 and partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
-    _barrier()
     return directory
 
 
-def _check_architecture(meta: dict, inner: torch.nn.Module, directory: Path) -> None:
-    model_config = getattr(inner, "hf_config", None)
-    if not model_config:
+def _check_architecture(meta: dict, model: torch.nn.Module, directory: Path) -> None:
+    info = model_info(model)
+    if info is None:
         return
-    want, have = parse_hf_config(meta["hf_config"]), parse_hf_config(model_config)
+    want, have = parse_hf_config(meta["hf_config"]), parse_hf_config(info.hf_config)
     diffs = [f"{f} {getattr(want, f)} vs {getattr(have, f)}" for f in _ARCH_FIELDS
              if getattr(want, f) != getattr(have, f)]
     if diffs:
@@ -289,8 +283,8 @@ def load_model_checkpoint(model: torch.nn.Module, directory: str | Path, strict:
     directory = Path(directory)
     meta = read_checkpoint_meta(directory)
     inner = unwrap_model(model)
-    _check_architecture(meta, inner, directory)
-    kind = getattr(inner, "model_kind", None)
+    _check_architecture(meta, model, directory)
+    kind = info.kind if (info := model_info(model)) else None
     if strict and kind is not None and kind != meta["model_kind"]:
         raise CheckpointError(f"{directory}: holds a {meta['model_kind']} model, cannot load it into a {kind} model "
                               "(use strict=False to load a causal LM into a value model)")

@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from posttrain.errors import InputError
 from posttrain.models.checkpoint import (CheckpointError, check_tokenizer_dir, is_checkpoint, load_model_checkpoint,
                                          read_checkpoint_meta, save_model_checkpoint, tokenizer_files)
 from posttrain.models.hf_mapping import (HF_ARCHITECTURES, HFCheckpointReader, MappingError, check_hf_checkpoint,
@@ -45,7 +46,7 @@ TARGET_FLAGS = ("--target-tensor-parallel-size", "--target-pipeline-parallel-siz
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError, ValueError):
     """Inconsistent conversion request (message names the flag or directory)."""
 
 

@@ -39,6 +39,7 @@ from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 
+from posttrain.errors import InputError
 from posttrain.models.provider import ArchSpec
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -56,7 +57,7 @@ HF_ARCHITECTURES = {
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-class MappingError(ValueError):
+class MappingError(InputError, ValueError):
     """An HF checkpoint or a megatron-core state dict does not fit the model (message names the file / tensor)."""
 
 

@@ -46,6 +46,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
+from megatron.core.utils import unwrap_model  # strips DDP and Float16Module wrappers (re-exported)
+
+from posttrain.errors import InputError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mixtral", "qwen2_moe")
 """HF ``model_type`` values this module can build."""
@@ -56,7 +59,11 @@ MODEL_KINDS = ("causal_lm", "value")
 _MOE_TYPES = ("mixtral", "qwen2_moe")
 
 
-class UnsupportedModelError(ValueError):
+class ParallelLayoutError(InputError, ValueError):
+    """TP / PP / EP cannot split the model (message names the flag and the HF field that do not divide)."""
+
+
+class UnsupportedModelError(InputError, ValueError):
     """The HF configuration describes something these models cannot reproduce (message names the field)."""
 
 
@@ -324,13 +331,13 @@ def validate_parallel_layout(arch: ArchSpec, tensor_model_parallel_size: int, pi
         expert_model_parallel_size: the layout. flag_names: how the three sizes are called in error messages.
 
     Raises:
-        ValueError: one line naming the flag and the HF field that do not divide (or a size < 1).
+        ParallelLayoutError: one line naming the flag and the HF field that do not divide (or a size < 1).
     """
     tp_flag, pp_flag, ep_flag = flag_names
     tp, pp, ep = tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size
     for flag, size in ((tp_flag, tp), (pp_flag, pp), (ep_flag, ep)):
         if size < 1:
-            raise ValueError(f"{flag} must be >= 1, got {size}")
+            raise ParallelLayoutError(f"{flag} must be >= 1, got {size}")
     checks = [
         (tp_flag, tp, "num_attention_heads", arch.num_attention_heads),
         (tp_flag, tp, "num_key_value_heads", arch.num_query_groups),
@@ -343,10 +350,10 @@ def validate_parallel_layout(arch: ArchSpec, tensor_model_parallel_size: int, pi
         if arch.moe_shared_ffn_hidden_size:
             checks.append((tp_flag, tp, "shared_expert_intermediate_size", arch.moe_shared_ffn_hidden_size))
     elif ep != 1:
-        raise ValueError(f"{ep_flag} {ep} needs a mixture-of-experts model ({arch.model_type} is dense)")
+        raise ParallelLayoutError(f"{ep_flag} {ep} needs a mixture-of-experts model ({arch.model_type} is dense)")
     for flag, size, field, value in checks:
         if value % size:
-            raise ValueError(f"{flag} {size} does not divide {field} {value}")
+            raise ParallelLayoutError(f"{flag} {size} does not divide {field} {value}")
 
 
 def transformer_config_from_hf(hf_config: dict, *, bf16: bool = False, **overrides: Any):
@@ -368,8 +375,8 @@ def transformer_config_from_hf(hf_config: dict, *, bf16: bool = False, **overrid
 
     Raises:
         UnsupportedModelError: see :func:`parse_hf_config`.
-        ValueError: TP / PP / EP does not divide the model (see :func:`validate_parallel_layout`), or an
-            override names no ``TransformerConfig`` field.
+        ParallelLayoutError: TP / PP / EP does not divide the model (see :func:`validate_parallel_layout`).
+        ValueError: an override names no ``TransformerConfig`` field.
         RuntimeError: the parallel state is not initialised.
     """
     import dataclasses
@@ -552,8 +559,8 @@ def build_model(hf_config: dict, kind: Literal["causal_lm", "value"] = "causal_l
 
     Returns:
         The model; a ``Float16Module`` when ``bf16`` (its ``.module`` is the ``GPTModel``; :func:`unwrap_model`
-        returns it in every case). The inner model carries ``hf_config``, ``model_kind`` and
-        ``real_vocab_size`` attributes; ``vocab_size`` is the padded size.
+        returns it in every case). The inner model carries its :class:`ModelInfo` as ``posttrain_info`` (read
+        it with :func:`model_info`); its ``vocab_size`` is the padded size.
 
     Raises:
         UnsupportedModelError, ValueError, RuntimeError: see :func:`transformer_config_from_hf`; also an unknown
@@ -608,9 +615,10 @@ def build_model(hf_config: dict, kind: Literal["causal_lm", "value"] = "causal_l
     if arch.rope_type == "llama3" and (arch.rope_low_freq_factor, arch.rope_high_freq_factor,
                                        arch.rope_original_max_position_embeddings) != (1.0, 4.0, 8192):
         _set_llama3_inv_freq(model, arch)
-    model.hf_config = dict(hf_config)
-    model.model_kind = kind
-    model.real_vocab_size = arch.vocab_size
+    model.posttrain_info = ModelInfo(hf_config=dict(hf_config), kind=kind, vocab_size=arch.vocab_size,
+                                     padded_vocab_size=padded,
+                                     make_vocab_size_divisible_by=make_vocab_size_divisible_by, transformer_impl="transformer_engine" if use_te
+                                     else "local")
     if use_te:
         model.register_forward_pre_hook(_require_mask_hook, with_kwargs=True)
     if bf16:
@@ -634,13 +642,32 @@ def _set_llama3_inv_freq(model, arch: ArchSpec) -> None:
         original_max_position_embeddings=arch.rope_original_max_position_embeddings)
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The inner ``GPTModel`` / ``GPTValueModel`` under ``Float16Module`` and DDP wrappers (``.module`` chains)."""
-    while not hasattr(model, "model_kind") and hasattr(model, "module"):
-        model = model.module
-    return model
+@dataclass(frozen=True)
+class ModelInfo:
+    """What :func:`build_model` knows about a model beyond megatron's ``TransformerConfig`` (which stays
+    ``model.config``, megatron-core's own attribute); stored once as the inner model's ``posttrain_info``.
+
+    Attributes:
+        hf_config: the raw HF ``config.json`` dict the model was built from (what checkpoints store).
+        kind: ``causal_lm`` or ``value``.
+        vocab_size: the real vocabulary size; padded_vocab_size: the embedding rows, a multiple of
+            ``make_vocab_size_divisible_by`` x TP.
+        transformer_impl: ``local`` or ``transformer_engine``, the layer spec in use.
+    """
+
+    hf_config: dict
+    kind: str
+    vocab_size: int
+    padded_vocab_size: int
+    make_vocab_size_divisible_by: int
+    transformer_impl: str
+
+
+def model_info(model: torch.nn.Module) -> Optional[ModelInfo]:
+    """The :class:`ModelInfo` of a model from :func:`build_model` (any wrapper); None for other modules."""
+    return getattr(unwrap_model(model), "posttrain_info", None)
 
 
 def real_vocab_size(model: torch.nn.Module) -> int:
     """The unpadded vocabulary size of a model from :func:`build_model`: slice gathered logits with it."""
-    return unwrap_model(model).real_vocab_size
+    return model_info(model).vocab_size

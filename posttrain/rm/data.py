@@ -34,12 +34,13 @@ import numpy as np
 import torch
 
 from posttrain.data.prompt_dataset import PairwiseDataset
+from posttrain.errors import InputError
 
 TRUNCATION_MODES = ("skip", "truncate")
 SKIP_REASONS = ("too_long", "empty_response", "identical_responses", "identical_after_truncation")
 
 
-class RewardDataError(ValueError):
+class RewardDataError(InputError, ValueError):
     """A pairwise dataset that cannot be used (message names the path and what is wrong)."""
 
 

@@ -25,13 +25,14 @@ Starting point (one of):
   checkpoint yet and ``--pretrained-checkpoint`` is given, training starts from the latter (so ``--load`` and
   ``--save`` can name the same directory in a job that is restarted).
 
-Layout written under ``--save`` (one ``iter_*`` per ``--save-interval`` and one at the end)::
+Layout written under ``--save`` (one ``iter_*`` per ``--save-interval`` and one at the end; the layout every stage
+shares, :mod:`posttrain.training.checkpoint`)::
 
     <save>/latest_checkpointed_iteration.txt      the last complete iteration, e.g. "15"
     <save>/metrics.jsonl                           one JSON line per iteration (train and eval metrics)
     <save>/iter_0000015/model/                     THE REWARD MODEL: a posttrain value checkpoint
                                                    (posttrain_checkpoint.json, model/, tokenizer files)
-    <save>/iter_0000015/optimizer/                 optimiser + LR scheduler state (dist_checkpointing)
+    <save>/iter_0000015/optimizer/model/           optimiser + LR scheduler state (dist_checkpointing)
     <save>/iter_0000015/rng/rank<k>.pt             RNG states per rank
     <save>/iter_0000015/trainer_state.json         iteration, data position, arguments, last eval metrics
 
@@ -42,10 +43,7 @@ appear atomically (written to a hidden directory, renamed, then the tracker file
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,16 +51,22 @@ from typing import Optional
 
 import torch
 
-from posttrain.arguments import (ArgumentError, CheckpointArgs, LoggingArgs, OptimizerArgs, ParallelArgs,
-                                 add_dataclass_args, arg, dataclass_from_args)
-from posttrain.models.value_model import SCORE_POOLINGS
+from posttrain import parallel
+from posttrain.arguments import (ArgumentError, CheckpointArgs, LoggingArgs, ModelArgs, OptimizerArgs, ParallelArgs,
+                                 add_dataclass_args, arg, check_range, dataclass_from_args)
+from posttrain.data.prompt_dataset import PromptSampler
+from posttrain.distributed import initialize_distributed
+from posttrain.errors import TrainingDivergedError
+from posttrain.models.checkpoint import CheckpointError, check_tokenizer_dir, read_checkpoint_meta
+from posttrain.models.provider import build_attention_mask, position_ids_from_attention_mask
+from posttrain.models.value_model import SCORE_POOLINGS, checkpoint_score_pooling, pool_scores
 from posttrain.rm.data import TRUNCATION_MODES, RewardDataError, RewardPairs, collate_pairs
-from posttrain.rm.loss import finalize_pair_stats, pairwise_loss, STAT_FIELDS
+from posttrain.rm.loss import STAT_FIELDS, finalize_pair_stats, pairwise_loss
+from posttrain.training import (MetricsLogger, TrainingCheckpoint, build_model_slot, forward_backward, is_rank0,
+                                optimizer_step, print_rank0, run_stage, zero_grad)
 
 MODEL_DIR = "model"
-OPTIMIZER_DIR = "optimizer"
-RNG_DIR = "rng"
-STATE_FILE = "trainer_state.json"
+"""The reward model's slot name: ``<save>/iter_XXXXXXX/model`` is the reward checkpoint."""
 
 
 @dataclass
@@ -105,26 +109,21 @@ class RewardModelArgs:
             raise ArgumentError("--data-path is required (the --output-prefix of a pairwise preprocessing run)")
         for flag, value in (("--micro-batch-size", self.micro_batch_size),
                             ("--global-batch-size", self.global_batch_size), ("--seq-length", self.seq_length),
-                            ("--pad-to-multiple-of", self.pad_to_multiple_of)):
-            if value < 1:
-                raise ArgumentError(f"{flag} must be >= 1, got {value}")
-        if self.eval_micro_batch_size is not None and self.eval_micro_batch_size < 1:
-            raise ArgumentError(f"--eval-micro-batch-size must be >= 1, got {self.eval_micro_batch_size}")
-        if self.value_head_init_std < 0:
-            raise ArgumentError(f"--value-head-init-std must be >= 0, got {self.value_head_init_std}")
-        if self.eval_interval < 0:
-            raise ArgumentError(f"--eval-interval must be >= 0, got {self.eval_interval}")
+                            ("--pad-to-multiple-of", self.pad_to_multiple_of),
+                            ("--eval-micro-batch-size", self.eval_micro_batch_size),
+                            ("--train-iters", self.train_iters), ("--num-epochs", self.num_epochs)):
+            check_range(flag, value, ge=1)
+        check_range("--value-head-init-std", self.value_head_init_std, ge=0.0)
+        check_range("--eval-interval", self.eval_interval, ge=0)
         if (self.train_iters is None) == (self.num_epochs is None):
             raise ArgumentError("give exactly one of --train-iters and --num-epochs")
-        if (self.train_iters or 1) < 1 or (self.num_epochs or 1) < 1:
-            raise ArgumentError("--train-iters / --num-epochs must be >= 1")
         if self.global_batch_size % self.micro_batch_size:
             raise ArgumentError(f"--global-batch-size {self.global_batch_size} is not divisible by "
                                 f"--micro-batch-size {self.micro_batch_size}")
 
 
-ARG_GROUPS = ((RewardModelArgs, "reward model"), (ParallelArgs, "parallelism"), (OptimizerArgs, "optimizer"),
-              (CheckpointArgs, "checkpointing"), (LoggingArgs, "logging"))
+ARG_GROUPS = ((RewardModelArgs, "reward model"), (ModelArgs, "model"), (ParallelArgs, "parallelism"),
+              (OptimizerArgs, "optimizer"), (CheckpointArgs, "checkpointing"), (LoggingArgs, "logging"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,38 +140,13 @@ def latest_reward_checkpoint(save_dir: str | Path) -> Path:
     """The reward model of the last complete iteration of a ``--stage rm`` run: ``<save>/iter_XXXXXXX/model``.
 
     Raises:
-        FileNotFoundError: ``save_dir`` has no ``latest_checkpointed_iteration.txt``.
+        CheckpointError: ``save_dir`` has no (complete) checkpoint.
     """
-    from posttrain.training import iteration_dir, read_latest_iteration
-
-    iteration = read_latest_iteration(save_dir)
-    if iteration is None:
-        raise FileNotFoundError(f"{save_dir}: no latest_checkpointed_iteration.txt (not a --stage rm --save "
-                                "directory, or nothing saved yet)")
-    return iteration_dir(save_dir, iteration) / MODEL_DIR
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Parallel plumbing (sums over DP ranks, shared with every pipeline stage)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _reduce_sums(outputs: list[dict], device: torch.device) -> torch.Tensor:
-    """Sum the ``sums`` vectors of the micro-batches (last stage) and over DP ranks; every rank gets the result."""
-    from posttrain import parallel
-
-    total = torch.zeros(len(STAT_FIELDS), dtype=torch.float64, device=device)
-    if parallel.is_last_stage():
-        for item in outputs:
-            total += item["sums"].to(device)
-    parallel.dp_all_reduce(total)
-    return parallel.broadcast_from_last_stage(total, total.shape, total.dtype)
-
-
-def _dp_sum(value: float, device: torch.device) -> float:
-    from posttrain import parallel
-
-    return float(parallel.dp_all_reduce(torch.tensor([value], dtype=torch.float64, device=device))[0])
+    directory = TrainingCheckpoint.latest(save_dir)
+    if directory is None:
+        raise CheckpointError(f"{save_dir}: no latest_checkpointed_iteration.txt (not a --stage rm --save "
+                              "directory, or nothing saved yet)")
+    return directory / MODEL_DIR
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,16 +161,12 @@ class RewardModelTrainer:
     Raises (from ``__init__``):
         ArgumentError: inconsistent flags (e.g. the global batch is not divisible by DP x micro batch).
         RewardDataError: a dataset that cannot be read or is too small.
-        CheckpointError / FileNotFoundError: a checkpoint that cannot be used.
+        CheckpointError: a checkpoint that cannot be used.
     """
 
-    def __init__(self, rm: RewardModelArgs, par: ParallelArgs, opt: OptimizerArgs, ckpt: CheckpointArgs,
-                 log: LoggingArgs):
-        from posttrain.data.prompt_dataset import PromptSampler
-        from posttrain.distributed import initialize_distributed
-        from posttrain import parallel
-
-        self.args, self.par, self.opt, self.ckpt, self.log_args = rm, par, opt, ckpt, log
+    def __init__(self, rm: RewardModelArgs, model_args: ModelArgs, par: ParallelArgs, opt: OptimizerArgs,
+                 ckpt: CheckpointArgs, log: LoggingArgs):
+        self.args, self.model_args, self.par, self.opt, self.ckpt, self.log_args = rm, model_args, par, opt, ckpt, log
         self.state = initialize_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                                             par.expert_model_parallel_size, seed=par.seed)
         self.device = self.state.device
@@ -206,21 +176,20 @@ class RewardModelTrainer:
                 f"--global-batch-size {rm.global_batch_size} is not divisible by data-parallel size {dp} x "
                 f"--micro-batch-size {rm.micro_batch_size} = {dp * rm.micro_batch_size}")
         self.num_microbatches = rm.global_batch_size // (dp * rm.micro_batch_size)
+        self.checkpoint = TrainingCheckpoint(ckpt.save, keep_last=ckpt.ckpt_keep_last,
+                                             save_optim=not ckpt.no_save_optim, save_rng=not ckpt.no_save_rng)
+        self.checkpoint.remove_stale()
 
         # --- starting point (checked before reading data or building the model)
         self.resume_dir, self.iteration = self._find_resume_point()
-        source = self.resume_dir / MODEL_DIR if self.resume_dir else rm.pretrained_checkpoint
-        from posttrain.models.checkpoint import check_tokenizer_dir, read_checkpoint_meta
-
-        self.source_meta = read_checkpoint_meta(source)
-        self.source = Path(source)
-        self.hf_config = self.source_meta["hf_config"]
+        self.source = Path(self.resume_dir / MODEL_DIR if self.resume_dir else rm.pretrained_checkpoint)
+        self.source_meta = read_checkpoint_meta(self.source)
         self.score_pooling = rm.score_pooling or self._source_pooling()
         try:
             check_tokenizer_dir(self.source)
-            self.tokenizer_dir = self.source
+            self.checkpoint.tokenizer_dir = self.source
         except FileNotFoundError:
-            self.tokenizer_dir = None
+            self.checkpoint.tokenizer_dir = None
 
         # --- data
         self.train_pairs = RewardPairs(rm.data_path, rm.seq_length, rm.truncation, rm.max_prompt_length)
@@ -235,53 +204,53 @@ class RewardModelTrainer:
         self.sampler = PromptSampler(len(self.train_pairs), rm.global_batch_size, parallel.dp_rank(), dp,
                                      seed=par.seed)
         self.train_iters = rm.train_iters or rm.num_epochs * self.sampler.batches_per_epoch
-        self._print(f"[rm] train data {rm.data_path}: {self.train_pairs.summary()}")
+        print_rank0(f"[rm] train data {rm.data_path}: {self.train_pairs.summary()}")
         if self.eval_pairs is not None:
-            self._print(f"[rm] eval data {rm.eval_data_path}: {self.eval_pairs.summary()}")
-        self._print(f"[rm] {self.train_iters} iterations of {rm.global_batch_size} pairs "
+            print_rank0(f"[rm] eval data {rm.eval_data_path}: {self.eval_pairs.summary()}")
+        print_rank0(f"[rm] {self.train_iters} iterations of {rm.global_batch_size} pairs "
                     f"({self.sampler.batches_per_epoch} per epoch); TP {par.tensor_model_parallel_size}, PP "
                     f"{par.pipeline_model_parallel_size}, DP {dp}, {self.num_microbatches} micro-batch(es) of "
                     f"{rm.micro_batch_size} pair(s) per rank; score pooling {self.score_pooling}")
 
         # --- model and optimiser
-        self._build_model()
+        kind = self.source_meta["model_kind"]
+        # The pairwise loss depends on score differences only, so the head's bias gets a gradient that is 0 up to
+        # rounding; Adam would turn that rounding noise into +-lr steps. It keeps its loaded value.
+        self.slot = build_model_slot(MODEL_DIR, self.source, "value", model_args, seed=par.seed,
+                                     meta=self.source_meta, optim_args=opt, train_steps=self.train_iters,
+                                     value_head_init_std=rm.value_head_init_std,
+                                     frozen_params=("value_head.linear.bias",))
+        how = "whole (value checkpoint)" if kind == "value" else "as the backbone, with a fresh scalar head"
+        print_rank0(f"[rm] model loaded from {self.source} {how}")
         self.last_eval: dict = {}
         if self.resume_dir is not None:
             self._load_training_state()
-        self.logger = None
+        self.logger: Optional[MetricsLogger] = None
+
+    @property
+    def ddp(self):
+        return self.slot.ddp
 
     # ------------------------------------------------------------------ set-up
     def _source_pooling(self) -> str:
         """Pooling recorded in the checkpoint we start from or resume (``last`` when it records none)."""
-        from posttrain.models.value_model import checkpoint_score_pooling
-
         try:
             return checkpoint_score_pooling(self.source_meta)
         except ValueError as exc:
             raise ArgumentError(f"{self.source}: {exc}") from None
 
-    def _print(self, text: str) -> None:
-        from posttrain.training import is_rank0
-
-        if is_rank0():
-            print(text, flush=True)
-
     def _find_resume_point(self) -> tuple[Optional[Path], int]:
-        from posttrain.training import iteration_dir, read_latest_iteration
-
         load, pretrained = self.ckpt.load, self.args.pretrained_checkpoint
         if load:
-            iteration = read_latest_iteration(load)
-            if iteration is not None:
-                directory = iteration_dir(load, iteration)
-                if not (directory / MODEL_DIR).is_dir() or not (directory / STATE_FILE).is_file():
-                    raise FileNotFoundError(f"--load {load}: {directory} is missing or incomplete "
-                                            f"(no {MODEL_DIR}/ or {STATE_FILE})")
-                return directory, iteration
+            directory = TrainingCheckpoint.latest(load)
+            if directory is not None:
+                if not (directory / MODEL_DIR).is_dir():
+                    raise CheckpointError(f"--load {load}: {directory} is missing or incomplete (no {MODEL_DIR}/)")
+                return directory, int(TrainingCheckpoint.read_state(directory)["iteration"])
             if pretrained is None:
-                raise FileNotFoundError(f"--load {load}: no latest_checkpointed_iteration.txt (not a --stage rm "
-                                        "--save directory); to start from a model use --pretrained-checkpoint")
-            self._print(f"[rm] --load {load} holds no checkpoint yet: starting from --pretrained-checkpoint "
+                raise CheckpointError(f"--load {load}: no latest_checkpointed_iteration.txt (not a --stage rm "
+                                      "--save directory); to start from a model use --pretrained-checkpoint")
+            print_rank0(f"[rm] --load {load} holds no checkpoint yet: starting from --pretrained-checkpoint "
                         f"{pretrained}")
         if pretrained is None:
             raise ArgumentError("give --pretrained-checkpoint (the SFT model or a value checkpoint) or --load "
@@ -295,61 +264,22 @@ class RewardModelTrainer:
             raise RewardDataError(f"{flag}: tokenized with a vocabulary of {vocab} ids but the model has "
                                   f"{model_vocab} (preprocess with the model's tokenizer)")
 
-    def _config_overrides(self) -> dict:
-        overrides = {}
-        if self.opt.recompute_granularity:
-            overrides["recompute_granularity"] = self.opt.recompute_granularity
-            if self.opt.recompute_granularity == "full":
-                overrides.update(recompute_method=self.opt.recompute_method,
-                                 recompute_num_layers=self.opt.recompute_num_layers)
-        return overrides
-
-    def _build_model(self) -> None:
-        from posttrain.models.checkpoint import CheckpointError, load_model_checkpoint
-        from posttrain.models.provider import build_model, unwrap_model
-        from posttrain.training import build_optimizer, wrap_ddp
-
-        self.model = build_model(self.hf_config, "value", bf16=self.opt.bf16,
-                                 make_vocab_size_divisible_by=self.opt.make_vocab_size_divisible_by,
-                                 value_head_init_std=self.args.value_head_init_std, value_head_seed=self.par.seed,
-                                 **self._config_overrides())
-        kind = self.source_meta["model_kind"]
-        result = load_model_checkpoint(self.model, self.source, strict=kind == "value")
-        unexpected_missing = [k for k in result["missing_keys"] if not k.startswith("value_head")]
-        if unexpected_missing:
-            raise CheckpointError(f"{self.source}: the backbone is incomplete (missing {unexpected_missing[:3]})")
-        how = "whole (value checkpoint)" if kind == "value" else "as the backbone, with a fresh scalar head"
-        self._print(f"[rm] model loaded from {self.source} {how}")
-        inner = unwrap_model(self.model)
-        if getattr(inner, "value_head", None) is not None:
-            # The pairwise loss depends on score differences only, so the head's bias gets a gradient that is 0
-            # up to rounding; Adam would turn that rounding noise into +-lr steps. It keeps its loaded value.
-            inner.value_head.linear.bias.requires_grad_(False)
-        self.ddp = wrap_ddp(self.model, self.opt.use_distributed_optimizer)
-        self.optimizer, self.scheduler = build_optimizer(self.ddp, self.opt, self.train_iters)
-
     def _load_training_state(self) -> None:
-        from posttrain.training import load_optimizer_state, set_rng_state
-
-        state = json.loads((self.resume_dir / STATE_FILE).read_text())
-        if not self.ckpt.no_load_optim:
-            load_optimizer_state(self.resume_dir / OPTIMIZER_DIR, self.ddp, self.optimizer, self.scheduler)
-        else:
-            self.scheduler.step(increment=self.iteration)
+        # the model itself was built from resume_dir/model; optimiser, scheduler and RNG states come from here
+        state = self.checkpoint.load(self.resume_dir, [self.slot], load_optim=not self.ckpt.no_load_optim,
+                                     load_rng=not self.ckpt.no_load_rng, load_models=False)
         try:
             self.sampler.load_state_dict(state["sampler"])
         except ValueError as exc:
             raise RewardDataError(f"--load {self.ckpt.load}: the training data differs from the resumed run's "
                                   f"({exc})") from None
-        rng_file = self.resume_dir / RNG_DIR / f"rank{torch.distributed.get_rank()}.pt"
-        if not self.ckpt.no_load_rng and rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
         self.last_eval = state.get("eval", {})
-        self._print(f"[rm] resumed from {self.resume_dir} (iteration {self.iteration}, epoch {self.sampler.epoch})")
+        print_rank0(f"[rm] resumed from {self.resume_dir} (iteration {self.iteration}, epoch {self.sampler.epoch})")
 
     # ------------------------------------------------------------------ batches and steps
     def _micro_batches(self, pairs: list, micro_batch_size: int, weights: list[float]) -> tuple[list[dict], int]:
-        """Collate ``pairs`` into micro-batches; returns them and the sequence length given to the schedule."""
+        """Collate ``pairs`` into micro-batches on the device; returns them and the sequence length given to the
+        schedule."""
         multiple = self.args.pad_to_multiple_of
         chunks = [(pairs[i:i + micro_batch_size], weights[i:i + micro_batch_size])
                   for i in range(0, len(pairs), micro_batch_size)]
@@ -369,9 +299,6 @@ class RewardModelTrainer:
         return batches, common or max(b["input_ids"].shape[1] for b in batches)
 
     def _forward_step(self, normalizer: Optional[float]):
-        from posttrain.models.provider import build_attention_mask, position_ids_from_attention_mask
-        from posttrain.models.value_model import pool_scores
-
         def forward_step(batch: dict, model):
             mask = batch["attention_mask"]
             output = model(batch["input_ids"], position_ids_from_attention_mask(mask), build_attention_mask(mask))
@@ -387,22 +314,30 @@ class RewardModelTrainer:
 
         return forward_step
 
+    def _reduce_sums(self, outputs: list[dict]) -> torch.Tensor:
+        """Sum the ``sums`` vectors of the micro-batches (last stage) and over DP ranks; every stage gets it."""
+        total = torch.zeros(len(STAT_FIELDS), dtype=torch.float64, device=self.device)
+        if parallel.is_last_stage():
+            for item in outputs:
+                total += item["sums"].to(self.device)
+        parallel.dp_all_reduce(total)
+        return parallel.broadcast_from_last_stage(total, total.shape, total.dtype)
+
     def train_step(self) -> dict[str, float]:
         """One optimiser step on the next global batch; returns the global metrics."""
-        from posttrain.training import forward_backward, optimizer_step, zero_grad
-
         indices = next(self.sampler)
         pairs = [self.train_pairs[int(i)] for i in indices]
         micro_batches, seq_len = self._micro_batches(pairs, self.args.micro_batch_size, [1.0] * len(pairs))
-        tokens = float(sum(int(b["attention_mask"].sum()) for b in micro_batches))
+        tokens = torch.tensor([float(sum(int(b["attention_mask"].sum()) for b in micro_batches))],
+                              dtype=torch.float64, device=self.device)
         self.ddp.train()
-        zero_grad(self.ddp, self.optimizer)
+        zero_grad(self.ddp, self.slot.optimizer)
         outputs = forward_backward(self.ddp, self._forward_step(normalizer=float(self.args.micro_batch_size)),
                                    micro_batches, seq_len, 2 * self.args.micro_batch_size, forward_only=False)
-        applied, grad_norm = optimizer_step(self.ddp, self.optimizer, self.scheduler)
-        metrics = finalize_pair_stats(_reduce_sums(outputs, self.device))
-        metrics.update(grad_norm=grad_norm, lr=float(self.optimizer.param_groups[0]["lr"]),
-                       tokens=_dp_sum(tokens, self.device), step_skipped=float(not applied))
+        applied, grad_norm = optimizer_step(self.slot.optimizer, self.slot.scheduler)
+        metrics = finalize_pair_stats(self._reduce_sums(outputs))
+        metrics.update(grad_norm=grad_norm, lr=float(self.slot.optimizer.param_groups[0]["lr"]),
+                       tokens=float(parallel.dp_all_reduce(tokens)[0]), step_skipped=float(not applied))
         return metrics
 
     @torch.no_grad()
@@ -413,9 +348,6 @@ class RewardModelTrainer:
         not divide evenly, add whole micro-batches) with weight-0 copies of a real pair, so every rank runs the same
         number of equally shaped micro-batches.
         """
-        from posttrain import parallel
-        from posttrain.training import forward_backward
-
         mbs = self.args.eval_micro_batch_size or self.args.micro_batch_size
         dp, rank, n = parallel.dp_world_size(), parallel.dp_rank(), len(self.eval_pairs)
         per_rank = -(-n // dp)
@@ -433,37 +365,22 @@ class RewardModelTrainer:
             outputs += forward_backward(self.ddp, self._forward_step(normalizer=None), batches, seq_len, 2 * mbs,
                                         forward_only=True)
         self.ddp.train()
-        metrics = finalize_pair_stats(_reduce_sums(outputs, self.device))
+        metrics = finalize_pair_stats(self._reduce_sums(outputs))
         return {f"eval/{k}": v for k, v in metrics.items()}
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         """Write ``<save>/iter_XXXXXXX`` (see the module docstring) and return its reward-model directory."""
-        from posttrain.models.checkpoint import save_model_checkpoint
-        from posttrain.training import (begin_checkpoint, commit_checkpoint, is_rank0, rng_state,
-                                        save_optimizer_state)
-
-        root, iteration = Path(self.ckpt.save), self.iteration
-        tmp = begin_checkpoint(root, iteration)
-        save_model_checkpoint(self.ddp, tmp / MODEL_DIR, model_kind="value", tokenizer_dir=self.tokenizer_dir,
-                              iteration=iteration, make_vocab_size_divisible_by=self.opt.make_vocab_size_divisible_by,
-                              extra_meta={"stage": "rm", "score_pooling": self.score_pooling,
-                                          "train_data": self.args.data_path,
-                                          "initialised_from": str(self.args.pretrained_checkpoint or self.source),
-                                          "eval": self.last_eval})
-        save_optimizer_state(tmp / OPTIMIZER_DIR, self.ddp, self.optimizer, self.scheduler)
-        (tmp / RNG_DIR).mkdir(exist_ok=True)
-        torch.save(rng_state(), tmp / RNG_DIR / f"rank{torch.distributed.get_rank()}.pt")
-        if is_rank0():
-            state = {"iteration": iteration, "train_iters": self.train_iters, "sampler": self.sampler.state_dict(),
-                     "eval": self.last_eval, "train_data": self.train_pairs.summary(),
-                     "args": {title: asdict(obj) for (_, title), obj in zip(ARG_GROUPS, self._arg_objects())}}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, default=str) + "\n")
-        final = commit_checkpoint(root, iteration, tmp)
-        return final / MODEL_DIR
+        self.slot.save_meta = {"stage": "rm", "score_pooling": self.score_pooling, "train_data": self.args.data_path,
+                               "initialised_from": str(self.args.pretrained_checkpoint or self.source),
+                               "eval": self.last_eval}
+        state = {"train_iters": self.train_iters, "sampler": self.sampler.state_dict(), "eval": self.last_eval,
+                 "train_data": self.train_pairs.summary(),
+                 "args": {title: asdict(obj) for (_, title), obj in zip(ARG_GROUPS, self._arg_objects())}}
+        return self.checkpoint.save(self.iteration, [self.slot], state) / MODEL_DIR
 
     def _arg_objects(self):
-        return self.args, self.par, self.opt, self.ckpt, self.log_args
+        return self.args, self.model_args, self.par, self.opt, self.ckpt, self.log_args
 
     # ------------------------------------------------------------------ loop
     def _console(self, metrics: dict) -> str:
@@ -484,10 +401,14 @@ class RewardModelTrainer:
                 f"rejected {metrics['eval/rejected_reward_mean']:+.3f}")
 
     def train(self) -> Optional[Path]:
-        """Run to ``train_iters``; returns the final reward checkpoint (None without ``--save``)."""
-        from posttrain.training import MetricsLogger
+        """Run to ``train_iters``; returns the final reward checkpoint (None without ``--save``).
 
-        self.logger = MetricsLogger(self.ckpt.save, self.log_args.tensorboard_dir, resume_iteration=self.iteration)
+        Raises:
+            TrainingDivergedError: the loss became NaN/inf.
+        """
+        self.logger = MetricsLogger(self.ckpt.save, self.log_args, resume_iteration=self.iteration,
+                                    enabled=is_rank0(), config={title: asdict(obj) for (_, title), obj
+                                                                in zip(ARG_GROUPS, self._arg_objects())})
         saved_at, path, start_iteration = None, None, self.iteration
         start = time.perf_counter()
         try:
@@ -500,7 +421,7 @@ class RewardModelTrainer:
                 metrics["epoch"] = self.sampler.epoch
                 metrics["consumed_pairs"] = self.sampler.total_consumed_samples
                 if not math.isfinite(metrics["loss"]):
-                    raise FloatingPointError(f"iteration {self.iteration}: non-finite loss {metrics['loss']}")
+                    raise TrainingDivergedError(f"iteration {self.iteration}: non-finite loss {metrics['loss']}")
                 lines = [self._console(metrics)] if self.iteration % self.log_args.log_interval == 0 else []
                 last = self.iteration == self.train_iters
                 if self.eval_pairs is not None and (last or (self.args.eval_interval and
@@ -513,48 +434,25 @@ class RewardModelTrainer:
                     path, saved_at = self.save(), self.iteration
             if self.iteration == self.train_iters and self.eval_pairs is not None and not self.last_eval:
                 self.last_eval = self.evaluate()  # resumed at the end: report the held-out accuracy anyway
-                self._print(self._eval_line(self.last_eval))
+                print_rank0(self._eval_line(self.last_eval))
             if self.ckpt.save and saved_at != self.iteration and self.iteration > start_iteration:
                 path = self.save()
             elif self.resume_dir is not None and self.iteration == start_iteration:
                 path = self.resume_dir / MODEL_DIR  # nothing left to train: the loaded checkpoint is the result
         finally:
             self.logger.close()
-        self._print(f"[rm] done: {self.iteration} iterations in {time.perf_counter() - start:.1f} s")
+        print_rank0(f"[rm] done: {self.iteration} iterations in {time.perf_counter() - start:.1f} s")
         if self.last_eval:
-            self._print(f"[rm] held-out accuracy {self.last_eval['eval/accuracy']:.4f} on "
+            print_rank0(f"[rm] held-out accuracy {self.last_eval['eval/accuracy']:.4f} on "
                         f"{self.last_eval['eval/num_pairs']} pairs")
         if path is not None:
-            self._print(f"[rm] reward model checkpoint: {path}")
+            print_rank0(f"[rm] reward model checkpoint: {path}")
         return path
-
-
-def _error_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def main(argv=None) -> int:
     """``pretrain_gpt.py --stage rm``: 0 on success; one ``error: ...`` line (rank 0) and 1 on bad input."""
-    from posttrain.data.errors import DataError
-    from posttrain.distributed import DistributedSetupError, destroy_distributed
-    from posttrain.models.checkpoint import CheckpointError
-    from posttrain.models.provider import UnsupportedModelError
+    def run(args: argparse.Namespace) -> None:
+        RewardModelTrainer(*(dataclass_from_args(cls, args) for cls, _ in ARG_GROUPS)).train()
 
-    args = build_parser().parse_args(argv)
-    input_errors = (ArgumentError, DistributedSetupError, CheckpointError, RewardDataError, DataError,
-                    FileNotFoundError, UnsupportedModelError)
-    try:
-        try:
-            groups = [dataclass_from_args(cls, args) for cls, _ in ARG_GROUPS]
-            trainer = RewardModelTrainer(*groups)
-        except ValueError as exc:  # set-up only: e.g. TP not dividing the heads (build_model)
-            raise ArgumentError(_error_line(exc)) from exc
-        trainer.train()
-    except input_errors + (FloatingPointError,) as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {_error_line(exc)}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        destroy_distributed()
-    return 0
+    return run_stage(build_parser(), run, argv)

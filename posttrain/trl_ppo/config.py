@@ -14,11 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from posttrain.arguments import ArgumentError, arg
+from posttrain.arguments import ArgumentError, arg, check_range
+from posttrain.trl_ppo import core_algos
 
-KL_ESTIMATORS = ["k1", "kl", "k2", "mse", "k3", "low_var_kl", "abs"]
-ADV_ESTIMATORS = ["gae", "grpo", "rloo", "reinforce_plus_plus"]
-LOSS_AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+# the choices are the registries' keys: a formula registered in core_algos is a flag value at once
+KL_ESTIMATORS = list(core_algos.KL_ESTIMATOR_REGISTRY)
+ADV_ESTIMATORS = list(core_algos.ADV_ESTIMATOR_REGISTRY)
+POLICY_LOSSES = list(core_algos.POLICY_LOSS_REGISTRY)
+LOSS_AGG_MODES = list(core_algos.LOSS_AGG_MODES)
 
 
 @dataclass(kw_only=True)
@@ -38,7 +41,11 @@ class PPOArgs:
     eval_data_path: Optional[str] = arg(None, "held-out prompt dataset prefix for validation reward")
     eval_interval: int = arg(0, "with --eval-data-path: validate every N iterations and after the last one "
                                 "(0: only after the last)")
-    eval_samples: int = arg(64, "held-out prompts scored per validation (greedy)")
+    eval_samples: int = arg(64, "held-out prompts scored per validation")
+    skip_eval_at_start: bool = arg(False, "with --eval-data-path: no validation before the first update "
+                                          "(iteration 0)")
+    eval_do_sample: bool = arg(False, "validate with sampled responses (--temperature/--top-k/--top-p) instead of "
+                                      "greedy ones")
     pretrain_data_path: Optional[str] = arg(None, "dataset prefix of pretraining documents for --ptx-coef")
     max_samples: Optional[int] = arg(None, "use only the first N prompts")
     # schedule and batches
@@ -78,6 +85,8 @@ class PPOArgs:
     normalize_reward: bool = arg(False, "normalise scores by running mean/std over all ranks")
     reward_clip: Optional[float] = arg(None, "clip scores (after normalisation) to [-x, x]")
     adv_estimator: str = arg("gae", "advantage estimator", choices=ADV_ESTIMATORS)
+    policy_loss: str = arg("vanilla", "policy loss (vanilla: PPO's clipped surrogate with dual-clip and "
+                                      "clip-higher options)", choices=POLICY_LOSSES)
     gamma: float = arg(1.0, "discount")
     lam: float = arg(0.95, "GAE lambda")
     # losses
@@ -93,28 +102,46 @@ class PPOArgs:
     enable_ema: bool = arg(False, "keep an exponential moving average of the actor's weights (saved beside it)")
     ema_decay: float = arg(0.992, "EMA decay per optimiser step")
     sample_interval: int = arg(5, "print a sample prompt/response every N iterations (0: never)")
+    log_samples: int = arg(4, "rows (prompt, response, score, reward) written to <save>/samples.jsonl and "
+                              "TensorBoard every --log-interval iterations, and per validation (0: none)")
     max_iteration_failures: int = arg(0, "iterations with a non-finite loss tolerated before stopping")
 
     def __post_init__(self):
         positive = ("micro_batch_size", "global_batch_size", "ppo_epochs", "n_samples_per_prompt", "max_new_tokens",
-                    "max_prompt_length", "num_episodes", "eval_samples")
+                    "max_prompt_length", "num_episodes", "eval_samples", "kl_horizon")
         for name in positive:
-            if getattr(self, name) < 1:
-                raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1")
+            check_range(_flag(name), getattr(self, name), ge=1)
         for name in ("train_iters", "rollout_batch_size", "ppo_mini_batch_size", "max_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1")
+            check_range(_flag(name), getattr(self, name), ge=1)
+        for name in ("eval_interval", "sample_interval", "max_iteration_failures", "log_samples", "top_k"):
+            check_range(_flag(name), getattr(self, name), ge=0)
         if self.reward_model is None and self.reward_function is None:
             raise ArgumentError("give --reward-model, --reward-function, or both")
         if self.ptx_coef > 0 and not self.pretrain_data_path:
             raise ArgumentError("--ptx-coef needs --pretrain-data-path")
         if self.adv_estimator in ("grpo", "rloo") and self.n_samples_per_prompt < 2:
             raise ArgumentError(f"--adv-estimator {self.adv_estimator} needs --n-samples-per-prompt >= 2")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise ArgumentError("--ema-decay must be in (0, 1)")
-        if self.gamma < 0 or self.lam < 0 or self.gamma > 1 or self.lam > 1:
-            raise ArgumentError("--gamma and --lam must be in [0, 1]")
+        # coefficients, checked where the flags are parsed (before anything is built or written)
+        check_range("--temperature", self.temperature, gt=0.0)
+        check_range("--top-p", self.top_p, gt=0.0, le=1.0)
+        check_range("--gamma", self.gamma, ge=0.0, le=1.0)
+        check_range("--lam", self.lam, ge=0.0, le=1.0)
+        check_range("--clip-ratio", self.clip_ratio, gt=0.0, lt=1.0)
+        check_range("--clip-ratio-low", self.clip_ratio_low, ge=0.0, lt=1.0)
+        check_range("--clip-ratio-high", self.clip_ratio_high, ge=0.0)
+        check_range("--clip-ratio-c", self.clip_ratio_c, gt=1.0)
+        check_range("--cliprange-value", self.cliprange_value, gt=0.0)
+        check_range("--kl-coef", self.kl_coef, ge=0.0)
+        check_range("--kl-target", self.kl_target, gt=0.0)
+        check_range("--kl-clamp", self.kl_clamp, gt=0.0)
+        check_range("--kl-loss-coef", self.kl_loss_coef, ge=0.0)
+        check_range("--entropy-coef", self.entropy_coef, ge=0.0)
+        check_range("--ptx-coef", self.ptx_coef, ge=0.0)
+        check_range("--missing-eos-penalty", self.missing_eos_penalty, ge=0.0)
+        check_range("--reward-clip", self.reward_clip, gt=0.0)
+        check_range("--critic-lr", self.critic_lr, ge=0.0)
+        check_range("--moe-aux-loss-coeff", self.moe_aux_loss_coeff, ge=0.0)
+        check_range("--ema-decay", self.ema_decay, gt=0.0, lt=1.0)
 
     @property
     def rollout_size(self) -> int:
@@ -137,3 +164,7 @@ class PPOArgs:
         if mini % (dp_size * self.micro_batch_size):
             raise ArgumentError(f"--ppo-mini-batch-size {mini} is not divisible by data-parallel size {dp_size} x "
                                 f"--micro-batch-size {self.micro_batch_size}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")

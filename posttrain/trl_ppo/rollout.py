@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+from megatron.core.inference.contexts import StaticInferenceContext
 
 from posttrain import parallel
+from posttrain.models.provider import build_attention_mask, position_ids_from_attention_mask
+from posttrain.training.engine import forward_backward
 
 
 @dataclass
@@ -116,7 +119,8 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: Optio
     if params.do_sample:
         filtered = filter_logits(scaled, params.top_k, params.top_p)
         # Gumbel-max: argmax(logits + Gumbel noise) is a sample of softmax(logits), one fused pass over the vocab
-        uniform = torch.rand(filtered.shape, generator=generator, dtype=torch.float32).clamp_(1e-20, 1.0)
+        uniform = torch.rand(filtered.shape, generator=generator, dtype=torch.float32,
+                             device=filtered.device).clamp_(1e-20, 1.0)
         tokens = (filtered - torch.log(-torch.log(uniform))).argmax(-1)
     else:
         tokens = scaled.argmax(-1)
@@ -128,8 +132,6 @@ def _forward_last_logits(model, input_ids, position_ids, attention_mask, context
 
     Returns ``[batch, V_padded]`` fp32 on the last pipeline stage, None elsewhere.
     """
-    from posttrain.training import forward_backward
-
     batch, seq = input_ids.shape
 
     def step(_, wrapped):
@@ -137,7 +139,7 @@ def _forward_last_logits(model, input_ids, position_ids, attention_mask, context
                       runtime_gather_output=True)
 
         def keep(output):
-            return torch.zeros(()), {"logits": output[:, -1, :].float()}
+            return torch.zeros((), device=output.device), {"logits": output[:, -1, :].float()}
 
         return out, keep
 
@@ -157,29 +159,26 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params:
         prompt_mask: ``[batch, prompt_len]`` 1 for real prompt tokens.
         params: sampling parameters.
         vocab_size: real vocabulary size (logits of padded entries are never sampled).
-        generator: sampling RNG (same seed on every tensor-parallel rank).
+        generator: sampling RNG on the model's device (same seed on every tensor-parallel rank).
 
     Returns:
         :class:`GenerationOutput` with ``response_len = number of decoding steps`` (<= ``max_new_tokens``; the
         loop stops once every sequence has ended).
     """
-    from megatron.core.inference.contexts import StaticInferenceContext
-
-    from posttrain.models.provider import build_attention_mask, position_ids_from_attention_mask
-
     batch, prompt_len = prompt_ids.shape
     context = StaticInferenceContext(batch, prompt_len + params.max_new_tokens)
     prompt_mask = prompt_mask.long()
     positions = position_ids_from_attention_mask(prompt_mask)
     next_position = positions[:, -1] + 1
-    stop = torch.tensor(sorted(set(int(t) for t in params.stop_token_ids)), dtype=torch.long)
+    device = prompt_ids.device
+    stop = torch.tensor(sorted(set(int(t) for t in params.stop_token_ids)), dtype=torch.long, device=device)
 
     logits = _forward_last_logits(model, prompt_ids, positions, build_attention_mask(prompt_mask), context)
     context.increment_sequence_len_offset(prompt_len)
 
     tokens_out, logp_out, mask_out = [], [], []
-    done = torch.zeros(batch, dtype=torch.bool)
-    has_eos = torch.zeros(batch, dtype=torch.bool)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    has_eos = torch.zeros(batch, dtype=torch.bool, device=device)
     key_mask = prompt_mask.bool()
     for step in range(params.max_new_tokens):
         if logits is not None:

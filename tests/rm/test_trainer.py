@@ -279,7 +279,7 @@ def test_tiny_model_fits_training_pairs_and_saves_a_usable_reward_model(tiny, fi
     meta = json.loads((model_dir / "posttrain_checkpoint.json").read_text())
     assert meta["model_kind"] == "value" and meta["iteration"] == 16
     assert (model_dir / "tokenizer.json").is_file()
-    assert (save / "iter_0000016" / "optimizer").is_dir()
+    assert (save / "iter_0000016" / "optimizer" / "model").is_dir() and (save / "iter_0000016" / "rng").is_dir()
     assert json.loads((save / "iter_0000016" / "trainer_state.json").read_text())["iteration"] == 16
 
     # an independent implementation scores the pairs: HF transformers on the exported checkpoint
@@ -353,7 +353,8 @@ def test_ppo_scores_rollouts_with_the_reward_models_pooling(pooling):
     """The PPO trainer's reward read-out on a left-padded prompt / right-padded response batch."""
     from types import SimpleNamespace
 
-    from posttrain.trl_ppo.trainer import PPOTrainer, RolloutBatch
+    from posttrain.trl_ppo.experience import RolloutBatch
+    from posttrain.trl_ppo.trainer import PPOTrainer
 
     prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     response_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
@@ -362,7 +363,8 @@ def test_ppo_scores_rollouts_with_the_reward_models_pooling(pooling):
                          has_eos=torch.tensor([True, False]), group_index=torch.arange(2),
                          sampler_log_probs=torch.zeros(2, 4))
     output = torch.arange(14, dtype=torch.float32).reshape(2, 7)  # per-token head outputs over prompt + response
-    scores = PPOTrainer._scores_fn(SimpleNamespace(score_pooling=pooling), output, batch)[:, 0].tolist()
+    trainer = SimpleNamespace(models=SimpleNamespace(score_pooling=pooling))
+    scores = PPOTrainer._scores(trainer, output, batch)[:, 0].tolist()
     if pooling == "last":
         assert scores == [output[0, 4].item(), output[1, 6].item()]  # the last real response token
     else:

@@ -105,7 +105,7 @@ def test_single_process_run_logs_every_metric_and_saves(reference):
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # actor == reference before the first update
     assert records[1]["kl"] != pytest.approx(0.0, abs=1e-6)  # the actor moved
     assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
-    for part in ("actor", "critic", "actor_optim", "critic_optim", "trainer_state.json"):
+    for part in ("actor", "critic", "optimizer/actor", "optimizer/critic", "rng/rank0.pt", "trainer_state.json"):
         assert (out / "iter_0000002" / part).exists(), part
 
 
