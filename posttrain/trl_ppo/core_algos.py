@@ -8,10 +8,18 @@ under ``torchrun``. The module reads top to bottom in the order a PPO iteration 
 1. validation helpers and masked statistics (``masked_mean``, ``masked_whiten``),
 2. KL estimators and KL controllers,
 3. per-token rewards (``compute_rewards``) and score normalisation (``RunningMeanStd``),
-4. advantage estimators (``compute_advantages``: ``gae``, ``grpo``, ``rloo``, ``reinforce_plus_plus``),
-5. loss aggregation (``agg_loss``),
-6. policy loss, value loss, entropy bonus, KL loss and ptx loss,
-7. log-probabilities and entropy from logits.
+4. advantage estimators (``compute_advantages``: ``gae``, ``grpo``, ``dr_grpo``, ``rloo``,
+   ``reinforce_plus_plus``),
+5. DAPO's batch shaping: dynamic sampling (``informative_groups``), overlong reward shaping
+   (``overlong_penalty``) and overlong filtering (``overlong_filter_mask``),
+6. loss aggregation (``agg_loss``),
+7. policy losses (``vanilla``, ``gspo``, ``gspo_token``), value loss, entropy bonus, KL loss and ptx loss,
+8. rollout/training mismatch: metrics and importance weights between the sampler's and the training
+   forward's log-probabilities (``rollout_mismatch_metrics``, ``rollout_correction_weights``),
+9. log-probabilities and entropy from logits.
+
+The valid names of every choice come from here: ``kl_estimator_names()``, ``adv_estimator_names()`` and
+``policy_loss_names()`` read the registries; ``LOSS_AGG_MODES`` and ``ROLLOUT_CORRECTION_MODES`` are tuples.
 
 Conventions
 -----------
@@ -30,8 +38,9 @@ Conventions
 * Bad input (shape mismatch, unknown estimator/loss name, a mask that is not 0/1) raises ``ValueError``
   naming the argument; an unknown name lists the valid choices.
 * Every function names its source: the paper, or TRL (``trl/experimental/ppo/ppo_trainer.py``,
-  ``trl/trainer/utils.py``), verl (``verl/trainer/ppo/core_algos.py``) or OpenRLHF
-  (``openrlhf/models/loss.py``, ``openrlhf/models/utils.py``).
+  ``trl/trainer/utils.py``), verl (``verl/trainer/ppo/core_algos.py``,
+  ``verl/trainer/ppo/rollout_corr_helper.py``), slime or OpenRLHF (``openrlhf/models/loss.py``,
+  ``openrlhf/models/utils.py``).
 
 Where the sequence score goes
 -----------------------------
@@ -62,8 +71,9 @@ group and all micro-batches of the mini-batch, and passes the totals to :func:`a
 Gradient accumulation sums ``grad L[d, m]`` over ``m``; summing over ``d`` then gives
 ``sum_{d,m} grad L[d, m] = grad L`` exactly, for every ``D`` and ``M``, because the division by the
 global ``N`` is linear and every piece uses the same ``N``. ``seq-mean-token-mean`` and
-``seq-mean-token-sum`` work the same way with the global number of sequences ``S`` (a sequence is never
-split across pieces, so its per-sequence mean or sum is complete inside one piece). Any averaging done by
+``seq-mean-token-sum`` (and ``seq-mean-token-sum-norm``, whose per-sequence sum is divided by a constant
+length) work the same way with the global number of sequences ``S`` (a sequence is never split across
+pieces, so its per-sequence mean or sum is complete inside one piece). Any averaging done by
 the framework must be undone by the caller with the matching factor, in one place: DDP averages gradients
 over the DP group (multiply the loss by ``D``, or reduce gradients with a sum), and a pipeline schedule
 that divides each micro-batch loss by ``M`` must be multiplied back by ``M``. Advantage whitening has the
@@ -87,6 +97,7 @@ __all__ = [
     "KL_ESTIMATOR_REGISTRY",
     "register_kl_estimator",
     "get_kl_estimator_fn",
+    "kl_estimator_names",
     "kl_penalty",
     "FixedKLController",
     "AdaptiveKLController",
@@ -98,12 +109,18 @@ __all__ = [
     "ADV_ESTIMATOR_REGISTRY",
     "register_adv_est",
     "get_adv_estimator_fn",
+    "adv_estimator_names",
     "compute_gae",
     "compute_gae_advantages",
     "compute_grpo_advantages",
+    "compute_dr_grpo_advantages",
     "compute_rloo_advantages",
     "compute_reinforce_plus_plus_advantages",
     "compute_advantages",
+    # DAPO batch shaping
+    "informative_groups",
+    "overlong_penalty",
+    "overlong_filter_mask",
     # losses
     "LOSS_AGG_MODES",
     "loss_token_counts",
@@ -111,13 +128,20 @@ __all__ = [
     "POLICY_LOSS_REGISTRY",
     "register_policy_loss",
     "get_policy_loss_fn",
+    "policy_loss_names",
     "vanilla_policy_loss",
+    "gspo_policy_loss",
+    "gspo_token_policy_loss",
     "compute_policy_loss",
     "compute_value_loss",
     "explained_variance",
     "compute_entropy_loss",
     "compute_kl_loss",
     "compute_ptx_loss",
+    # rollout / training mismatch
+    "ROLLOUT_CORRECTION_MODES",
+    "rollout_mismatch_metrics",
+    "rollout_correction_weights",
     # logits
     "logprobs_from_logits",
     "entropy_from_logits",
@@ -352,6 +376,11 @@ def kl_k3(log_probs: Tensor, ref_log_probs: Tensor) -> Tensor:
     """
     log_ratio = (ref_log_probs - log_probs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return (torch.expm1(log_ratio) - log_ratio).clamp(min=0.0)
+
+
+def kl_estimator_names() -> Tuple[str, ...]:
+    """Names accepted by :func:`kl_penalty` (aliases included), in registration order."""
+    return tuple(KL_ESTIMATOR_REGISTRY)
 
 
 def kl_penalty(
@@ -914,6 +943,50 @@ def compute_grpo_advantages(
     return advantages, advantages
 
 
+@register_adv_est("dr_grpo")
+def compute_dr_grpo_advantages(
+    *,
+    scores: Optional[Tensor],
+    response_mask: Tensor,
+    group_index: Optional[Union[Tensor, Sequence[Hashable]]] = None,
+    n_samples_per_prompt: Optional[int] = None,
+    **unused: object,
+) -> Tuple[Tensor, Tensor]:
+    """Dr. GRPO advantages: ``A_i = s_i - mean_g`` on every valid token, no division by the group std.
+
+    ``mean_g`` is the mean score of the responses to the same prompt (a group of one response uses mean 0,
+    as :func:`compute_grpo_advantages`). The std normalisation of GRPO weighs prompts whose responses
+    agree (very easy or very hard ones) more; Dr. GRPO drops it, and drops GRPO's ``1 / |o_i|`` in the loss
+    as well -- pair this estimator with ``loss_agg_mode="seq-mean-token-sum-norm"`` (:func:`agg_loss`).
+
+    Source: Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective", section 3.2
+    (GRPO's advantage without its std term); verl ``compute_grpo_outcome_advantage`` with
+    ``norm_adv_by_std_in_grpo=False``. Same as ``compute_advantages("grpo", ..., norm_by_std=False)``;
+    ``norm_by_std`` is ignored here.
+
+    Args:
+        scores: ``[batch]`` one score per response.
+        response_mask: ``[batch, response_len]`` 0/1.
+        group_index: ``[batch]`` prompt id of each response (tensor or sequence of hashables).
+        n_samples_per_prompt: alternative to ``group_index`` when the responses of a prompt are contiguous.
+        **unused: inputs of other estimators, ignored.
+
+    Returns:
+        ``(advantages, returns)``, both ``[batch, response_len]`` and equal, 0 at pads.
+
+    Raises:
+        ValueError: on missing scores or grouping, or bad shapes.
+    """
+    _needs("dr_grpo", scores=scores)
+    return compute_grpo_advantages(
+        scores=scores,
+        response_mask=response_mask,
+        group_index=group_index,
+        n_samples_per_prompt=n_samples_per_prompt,
+        norm_by_std=False,
+    )
+
+
 @register_adv_est("rloo")
 def compute_rloo_advantages(
     *,
@@ -994,6 +1067,11 @@ def compute_reinforce_plus_plus_advantages(
     return advantages, returns
 
 
+def adv_estimator_names() -> Tuple[str, ...]:
+    """Names accepted by :func:`compute_advantages`, in registration order (for a CLI's ``choices``)."""
+    return tuple(ADV_ESTIMATOR_REGISTRY)
+
+
 def compute_advantages(
     name: str,
     *,
@@ -1015,6 +1093,7 @@ def compute_advantages(
       are the lambda-returns ``A + V``.
     * ``grpo``: needs ``scores`` and ``group_index`` or ``n_samples_per_prompt`` (uses ``norm_by_std``);
       returns equal the advantages.
+    * ``dr_grpo``: as ``grpo`` without the std division (``norm_by_std`` ignored).
     * ``rloo``: needs ``scores`` and ``group_index`` or ``n_samples_per_prompt``; returns equal the
       advantages.
     * ``reinforce_plus_plus``: needs ``rewards`` (uses ``gamma``, ``reduce_fn``); returns are the
@@ -1031,7 +1110,7 @@ def compute_advantages(
         gamma: discount factor.
         lam: GAE lambda.
         whiten: whiten GAE advantages.
-        norm_by_std: divide GRPO advantages by the group std.
+        norm_by_std: divide ``grpo`` advantages by the group std.
         reduce_fn: global whitening statistics (see :func:`masked_whiten`).
 
     Returns:
@@ -1057,10 +1136,155 @@ def compute_advantages(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Loss aggregation
+# 5. DAPO's batch shaping: dynamic sampling, overlong reward shaping, overlong filtering
 # ----------------------------------------------------------------------------------------------------------
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+def informative_groups(
+    scores: Tensor,
+    group_index: Optional[Union[Tensor, Sequence[Hashable]]] = None,
+    *,
+    n_samples_per_prompt: Optional[int] = None,
+    atol: float = 0.0,
+    keep_singletons: bool = False,
+) -> Tensor:
+    """Dynamic sampling: which responses belong to a group whose scores are not all equal.
+
+    A group (the responses to one prompt) is informative when ``max(scores) - min(scores) > atol``. With
+    the default ``atol = 0`` that is exact float inequality: rule-based rewards (0/1, -1/1) are exactly
+    equal or clearly different, and a group of equal scores gives every response a group-relative
+    advantage of exactly 0 (``grpo``, ``dr_grpo``, ``rloo``), so it only dilutes the batch. A group of one
+    response is not informative unless ``keep_singletons`` (verl's filter keeps such groups).
+
+    Source: Yu et al. 2025, "DAPO", section 3.2 (eq. 11, the constraint
+    ``0 < |{o_i correct}| < G``); verl's DAPO trainer (``filter_groups``: keeps a prompt when the std of its
+    metric is > 0 or it has one response). The caller keeps sampling -- up to a bounded number of rounds --
+    until enough informative groups fill the batch.
+
+    Args:
+        scores: ``[n]`` one score per response.
+        group_index: ``[n]`` prompt id of each response (tensor or sequence of hashables); every response
+            of a group must be in ``scores``.
+        n_samples_per_prompt: alternative to ``group_index`` when the responses of a prompt are contiguous.
+        atol: scores closer than this (max - min <= atol) count as equal; >= 0.
+        keep_singletons: treat a group of one response as informative.
+
+    Returns:
+        ``[n]`` bool, True for the responses to keep.
+
+    Raises:
+        ValueError: if ``scores`` is not 1-D or holds nan, on a missing or mismatched grouping, or a
+            negative ``atol``.
+    """
+    s = _require_tensor("scores", scores)
+    if s.dim() != 1:
+        raise ValueError(f"scores must be 1-D [n], got shape {_shape(s)}")
+    if bool(torch.isnan(s).any()):
+        raise ValueError("scores must not hold nan")
+    if atol < 0:
+        raise ValueError(f"atol must be >= 0, got {atol}")
+    s = _upcast(s.detach())
+    ids = _group_ids(s.shape[0], group_index, n_samples_per_prompt, s.device)
+    if s.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool, device=s.device)
+    n_groups = int(ids.max().item()) + 1
+    high = torch.full((n_groups,), -math.inf, dtype=s.dtype, device=s.device).scatter_reduce(0, ids, s, "amax")
+    low = torch.full((n_groups,), math.inf, dtype=s.dtype, device=s.device).scatter_reduce(0, ids, s, "amin")
+    keep = (high - low) > atol
+    if keep_singletons:
+        size = torch.zeros(n_groups, dtype=torch.long, device=s.device).index_add_(0, ids, torch.ones_like(ids))
+        keep = keep | (size == 1)
+    return keep[ids]
+
+
+def overlong_penalty(
+    response_lengths: Tensor,
+    max_response_length: int,
+    overlong_buffer_len: int,
+    penalty_factor: float = 1.0,
+) -> Tensor:
+    """DAPO's soft overlong punishment, a reward added to the score of each response.
+
+    With ``L_max = max_response_length``, ``L_cache = overlong_buffer_len`` and ``|y|`` the response
+    length in tokens::
+
+        R_length(y) = 0                                              |y| <= L_max - L_cache
+                    = -penalty_factor * (|y| - (L_max - L_cache)) / L_cache    L_max - L_cache < |y| <= L_max
+                    = -penalty_factor                                |y| > L_max
+
+    i.e. 0 up to ``L_max - L_cache`` tokens, then linear down to ``-penalty_factor`` at ``L_max``.
+
+    Source: Yu et al. 2025, "DAPO", section 3.4, eq. 13 (``penalty_factor = 1``; their run uses
+    ``L_max = 20480``, ``L_cache = 4096``); verl's DAPO reward manager (``overlong_buffer.len``,
+    ``overlong_buffer.penalty_factor``; identical for ``|y| <= L_max``, the only lengths a sampler capped at
+    ``L_max`` produces, and without the floor at ``-penalty_factor`` beyond it).
+
+    Args:
+        response_lengths: ``[batch]`` response lengths in tokens (integer or float, >= 0), e.g.
+            ``response_mask.sum(-1)``.
+        max_response_length: ``L_max``, the response budget in tokens, >= 1.
+        overlong_buffer_len: ``L_cache`` in tokens, in ``[1, max_response_length]``.
+        penalty_factor: the penalty at ``L_max``, >= 0.
+
+    Returns:
+        ``[batch]`` float32 (float64 stays float64) rewards, <= 0.
+
+    Raises:
+        ValueError: if ``response_lengths`` is not 1-D or has negative or non-finite entries, or on invalid
+            lengths or factor.
+    """
+    lengths = _require_tensor("response_lengths", response_lengths)
+    if lengths.dim() != 1:
+        raise ValueError(f"response_lengths must be 1-D [batch], got shape {_shape(lengths)}")
+    x = _upcast(lengths.detach())
+    if bool((~torch.isfinite(x) | (x < 0)).any()):
+        raise ValueError("response_lengths must be finite and >= 0")
+    if int(max_response_length) != max_response_length or max_response_length < 1:
+        raise ValueError(f"max_response_length must be an integer >= 1, got {max_response_length}")
+    if int(overlong_buffer_len) != overlong_buffer_len or not 1 <= overlong_buffer_len <= max_response_length:
+        raise ValueError(
+            f"overlong_buffer_len must be an integer in [1, max_response_length={max_response_length}], "
+            f"got {overlong_buffer_len}"
+        )
+    factor = _as_float("penalty_factor", penalty_factor)
+    if factor < 0:
+        raise ValueError(f"penalty_factor must be >= 0, got {factor}")
+    expected = max_response_length - overlong_buffer_len
+    return -factor * ((x - expected) / overlong_buffer_len).clamp(0.0, 1.0)
+
+
+def overlong_filter_mask(response_mask: Tensor, has_eos: Tensor) -> Tensor:
+    """DAPO's overlong filtering: the loss mask without the responses that were truncated.
+
+    A response that reached the budget without a stop token (EOS or another stop id) is cut short; its
+    score judges an unfinished answer, so DAPO drops it from the loss. The returned mask is
+    ``response_mask`` with the rows where ``has_eos`` is False set to 0. Use it for the loss and for
+    :func:`loss_token_counts` alike, so the global normalisers count only the kept responses.
+
+    Source: Yu et al. 2025, "DAPO", section 3.4 ("Overlong Filtering", masking the loss of truncated
+    samples).
+
+    Args:
+        response_mask: ``[batch, response_len]`` 0/1.
+        has_eos: ``[batch]`` 0/1 or bool, whether each response ended with a stop token.
+
+    Returns:
+        ``[batch, response_len]`` mask of ``response_mask``'s dtype.
+
+    Raises:
+        ValueError: on a bad mask or a ``has_eos`` that is not ``[batch]`` 0/1.
+    """
+    m = _as_mask("response_mask", _check_2d("response_mask", response_mask))
+    eos = _as_mask("has_eos", has_eos, torch.Size([m.shape[0]]))
+    return (m & eos.unsqueeze(-1)).to(response_mask.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Loss aggregation
+# ----------------------------------------------------------------------------------------------------------
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+"""Valid ``loss_agg_mode`` values of :func:`agg_loss` (and of every loss that aggregates with it)."""
 
 
 def loss_token_counts(response_mask: Tensor) -> Tensor:
@@ -1091,18 +1315,41 @@ def _normaliser(count: Optional[Count], local: Tensor, like: Tensor) -> Tensor:
     return count.reshape(()).clamp(min=1)
 
 
+def _check_norm_length(norm_length: Optional[float]) -> float:
+    if norm_length is None:
+        raise ValueError(
+            "loss_agg_mode 'seq-mean-token-sum-norm' needs norm_length, a constant number of tokens such as the "
+            "response budget (max_new_tokens)"
+        )
+    value = _as_float("norm_length", norm_length)
+    if value <= 0:
+        raise ValueError(f"norm_length must be > 0, got {value}")
+    return value
+
+
 def agg_loss(
     loss_mat: Tensor,
     response_mask: Tensor,
     loss_agg_mode: str = "token-mean",
     global_token_count: Optional[Count] = None,
     global_seq_count: Optional[Count] = None,
+    norm_length: Optional[float] = None,
 ) -> Tensor:
     """Reduces a per-token loss to a scalar.
 
-    * ``token-mean``: ``sum(mask * l) / N`` with ``N`` valid tokens (TRL, MindSpeed-LLM, DAPO).
-    * ``seq-mean-token-mean``: ``sum_i (sum_t mask * l / n_i) / S``, ``S`` non-empty sequences (GRPO paper).
-    * ``seq-mean-token-sum``: ``sum_i (sum_t mask * l) / S`` (Dr. GRPO style sequence sums).
+    With ``n_i`` the valid tokens of sequence ``i``, ``N = sum_i n_i`` and ``S`` the number of non-empty
+    sequences:
+
+    * ``token-mean``: ``sum_i sum_t mask * l / N`` (TRL, MindSpeed-LLM; DAPO's token-level loss, Yu et al.
+      2025, eq. 12).
+    * ``seq-mean-token-mean``: ``sum_i (sum_t mask * l / n_i) / S`` (GRPO, Shao et al. 2024, eq. 3; the
+      GSPO objectives, Zheng et al. 2025, eqs. 5 and 13).
+    * ``seq-mean-token-sum``: ``sum_i (sum_t mask * l) / S``.
+    * ``seq-mean-token-sum-norm``: ``sum_i (sum_t mask * l / L) / S`` with the constant ``L = norm_length``
+      (Dr. GRPO, Liu et al. 2025, section 3.2: the ``1/|o_i|`` of GRPO is replaced by one constant for every
+      response, in their code the generation budget). ``L`` must not change between micro-batches, DP
+      ranks or iterations, so it is passed in (normally ``max_new_tokens``) rather than read from the
+      padded width of ``loss_mat``, which in this project is the longest response of a rollout.
 
     Without global counts ``N``/``S`` are those of this batch. With ``global_token_count`` /
     ``global_seq_count`` (summed over all micro-batches of the mini-batch and all DP ranks, see
@@ -1110,7 +1357,11 @@ def agg_loss(
     of the shares is exactly the full-mini-batch loss; the module docstring explains why. All-masked
     sequences contribute nothing and are not counted; an all-masked batch gives 0 (not ``nan``).
 
-    Source: verl ``agg_loss``; OpenRLHF ``aggregate_loss`` (global normalisation).
+    Source: verl ``agg_loss``; OpenRLHF ``aggregate_loss`` (global normalisation). verl's
+    ``seq-mean-token-sum-norm`` returns ``sum_i (sum_t mask * l) / L`` for the micro-batch, without the
+    ``1 / S``, and defaults ``L`` (its ``loss_scale_factor``) to the padded width; its actor then divides by
+    the number of gradient-accumulation steps, so its loss is this one times the micro-batch size (same
+    gradient direction, a different scale, which matters for gradient clipping).
 
     Args:
         loss_mat: ``[batch, response_len]`` per-token loss.
@@ -1118,17 +1369,20 @@ def agg_loss(
         loss_agg_mode: one of ``LOSS_AGG_MODES``.
         global_token_count: total valid tokens of the mini-batch (int, float or 0-dim tensor).
         global_seq_count: total non-empty sequences of the mini-batch.
+        norm_length: ``L`` of ``seq-mean-token-sum-norm``, in tokens, > 0; ignored by the other modes.
 
     Returns:
         0-dim tensor (at least float32), differentiable w.r.t. ``loss_mat``.
 
     Raises:
-        ValueError: for an unknown mode (lists valid ones), shape mismatches or a bad mask.
+        ValueError: for an unknown mode (lists valid ones), shape mismatches, a bad mask, or a missing or
+            non-positive ``norm_length`` with ``seq-mean-token-sum-norm``.
     """
     _check_name("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
     _check_2d("loss_mat", loss_mat)
     _check_same_shape("loss_mat", loss_mat, response_mask=response_mask)
     m = _as_mask("response_mask", response_mask)
+    length = _check_norm_length(norm_length) if loss_agg_mode == "seq-mean-token-sum-norm" else None
     x = torch.where(m, _upcast(loss_mat), 0.0)
     if loss_agg_mode == "token-mean":
         return x.sum() / _normaliser(global_token_count, m.sum(), x)
@@ -1136,11 +1390,13 @@ def agg_loss(
     seq_loss = x.sum(dim=-1)
     if loss_agg_mode == "seq-mean-token-mean":
         seq_loss = seq_loss / tokens_per_seq.clamp(min=1).to(x.dtype)
+    elif length is not None:
+        seq_loss = seq_loss / length
     return seq_loss.sum() / _normaliser(global_seq_count, (tokens_per_seq > 0).sum(), x)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Losses
+# 7. Losses
 # ----------------------------------------------------------------------------------------------------------
 
 PolicyLossFn = Callable[..., Tuple[Tensor, Metrics]]
@@ -1148,8 +1404,14 @@ POLICY_LOSS_REGISTRY: Dict[str, PolicyLossFn] = {}
 
 
 def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Decorator registering a policy loss ``fn(*, log_probs, old_log_probs, advantages, response_mask,
-    **options) -> (loss, metrics)`` under ``name`` (verl's ``register_policy_loss``).
+    """Decorator registering a policy loss under ``name`` (verl's ``register_policy_loss``).
+
+    A registered function takes keyword arguments only: ``log_probs``, ``old_log_probs``, ``advantages``,
+    ``response_mask`` (all ``[batch, response_len]``), the clip settings ``clip_ratio``, ``clip_ratio_low``,
+    ``clip_ratio_high``, ``clip_ratio_c``, the aggregation settings ``loss_agg_mode``,
+    ``global_token_count``, ``global_seq_count``, ``norm_length`` (see :func:`agg_loss`) and
+    ``token_weights`` (an optional ``[batch, response_len]`` factor applied to the per-token loss before
+    aggregation); it returns ``(loss, metrics)``.
 
     Raises:
         ValueError: if ``name`` is already taken by another function.
@@ -1166,6 +1428,107 @@ def get_policy_loss_fn(name: str) -> PolicyLossFn:
     return POLICY_LOSS_REGISTRY[_check_name("policy loss", name, list(POLICY_LOSS_REGISTRY))]
 
 
+def _clip_range(
+    clip_ratio: float,
+    clip_ratio_low: Optional[float],
+    clip_ratio_high: Optional[float],
+    clip_ratio_c: Optional[float],
+) -> Tuple[float, float]:
+    """Validated ``(low, high)`` clip epsilons; each side defaults to ``clip_ratio``."""
+    low = clip_ratio if clip_ratio_low is None else clip_ratio_low
+    high = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    if not 0 <= low < 1:
+        raise ValueError(f"clip_ratio_low must be in [0, 1), got {low}")
+    if high < 0:
+        raise ValueError(f"clip_ratio_high must be >= 0, got {high}")
+    if clip_ratio_c is not None and clip_ratio_c <= 1:
+        raise ValueError(f"clip_ratio_c must be > 1 (or None to disable dual-clip), got {clip_ratio_c}")
+    return low, high
+
+
+def _policy_inputs(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    token_weights: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Validates the inputs of a policy loss; returns ``(mask, log_ratio, advantages, weights)``.
+
+    Pads are set to neutral values (log-ratio 0, advantage 0, weight 0), so that garbage there (-inf, nan)
+    reaches neither the loss nor, through exp's backward, the gradient; TRL writes 1.0 at pads for this.
+    The weights are detached.
+    """
+    _check_2d("log_probs", log_probs)
+    _check_same_shape(
+        "log_probs",
+        log_probs,
+        old_log_probs=old_log_probs,
+        advantages=advantages,
+        response_mask=response_mask,
+        token_weights=token_weights,
+    )
+    m = _as_mask("response_mask", response_mask)
+    log_ratio = torch.where(m, _upcast(log_probs) - _upcast(old_log_probs), 0.0)
+    adv = torch.where(m, _upcast(advantages), 0.0)
+    weights = None
+    if token_weights is not None:
+        weights = torch.where(m, _upcast(token_weights.detach()), 0.0)
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            raise ValueError("token_weights must be finite and >= 0 at valid tokens")
+    return m, log_ratio, adv, weights
+
+
+def _clipped_surrogate(
+    ratio: Tensor, adv: Tensor, low: float, high: float, clip_ratio_c: Optional[float]
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-token ``max(-A r, -A clip(r))`` with the optional dual clip; see :func:`vanilla_policy_loss`.
+
+    Returns ``(losses, losses1, losses2, clipped_ratio, dual_clipped)``, all shaped like ``ratio``.
+    """
+    clipped_ratio = torch.clamp(ratio, 1.0 - low, 1.0 + high)
+    pg_losses1 = -adv * ratio
+    pg_losses2 = -adv * clipped_ratio
+    pg_losses = torch.maximum(pg_losses1, pg_losses2)
+    dual_clipped = torch.zeros_like(pg_losses, dtype=torch.bool)
+    if clip_ratio_c is not None:
+        pg_losses3 = -adv * clip_ratio_c
+        dual_clipped = (adv < 0) & (pg_losses > pg_losses3)
+        pg_losses = torch.where(adv < 0, torch.minimum(pg_losses, pg_losses3), pg_losses)
+    return pg_losses, pg_losses1, pg_losses2, clipped_ratio, dual_clipped
+
+
+def _aggregate_policy_loss(
+    pg_losses: Tensor,
+    surrogate: Tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+    ratio: Tensor,
+    log_ratio: Tensor,
+    m: Tensor,
+    weights: Optional[Tensor],
+    loss_agg_mode: str,
+    global_token_count: Optional[Count],
+    global_seq_count: Optional[Count],
+    norm_length: Optional[float],
+) -> Tuple[Tensor, Metrics]:
+    """Applies the token weights, aggregates, and computes the metrics shared by every policy loss."""
+    _, pg_losses1, pg_losses2, clipped_ratio, dual_clipped = surrogate
+    if weights is not None:
+        pg_losses = pg_losses * weights
+    loss = agg_loss(pg_losses, m, loss_agg_mode, global_token_count, global_seq_count, norm_length)
+    with torch.no_grad():
+        metrics: Metrics = {
+            "pg_loss": agg_loss(pg_losses, m, loss_agg_mode, norm_length=norm_length),
+            "abs_pg_loss": masked_mean(torch.maximum(pg_losses1.abs(), pg_losses2.abs()), m),
+            "ppo_ratio": masked_mean(ratio, m),
+            "ppo_ratio_clamped": masked_mean(clipped_ratio, m),
+            "pg_clipfrac": masked_mean((pg_losses2 > pg_losses1).to(pg_losses.dtype), m),
+            "pg_clipfrac_lower": masked_mean(dual_clipped.to(pg_losses.dtype), m),
+            "approx_kl": 0.5 * masked_mean(log_ratio.square(), m),
+            "ppo_kl": masked_mean(-log_ratio, m),
+        }
+    return loss, {name: value.detach() for name, value in metrics.items()}
+
+
 @register_policy_loss("vanilla")
 def vanilla_policy_loss(
     *,
@@ -1180,8 +1543,10 @@ def vanilla_policy_loss(
     loss_agg_mode: str = "token-mean",
     global_token_count: Optional[Count] = None,
     global_seq_count: Optional[Count] = None,
+    norm_length: Optional[float] = None,
+    token_weights: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Metrics]:
-    """PPO clipped surrogate with asymmetric clipping and dual-clip.
+    """PPO clipped surrogate with asymmetric clipping (DAPO's clip-higher) and dual-clip.
 
     ::
 
@@ -1190,11 +1555,16 @@ def vanilla_policy_loss(
         l2     = -A * clip(r, 1 - clip_ratio_low, 1 + clip_ratio_high)
         l      = max(l1, l2)
         l      = min(l, clip_ratio_c * |A|)   where A < 0        (dual-clip; skipped if clip_ratio_c is None)
+        l      = l * token_weights                               (if given)
         loss   = agg_loss(l)
 
+    With ``clip_ratio_c=None`` and ``token-mean`` this is minus DAPO's objective (Yu et al. 2025, eq. 8,
+    clip-higher of section 3.1: ``eps_low = 0.2``, ``eps_high = 0.28``).
+
     Sources: Schulman et al. 2017 (PPO, eq. 7); Ye et al. 2020, "Mastering Complex Control in MOBA Games"
-    (dual-clip); Yu et al. 2025, "DAPO" (asymmetric clip-higher); verl ``compute_policy_loss_vanilla``;
-    TRL's ``pg_loss`` (identical when the dual clip is inactive).
+    (dual-clip); Yu et al. 2025, "DAPO" (asymmetric clip-higher); verl ``compute_policy_loss_vanilla``
+    (which multiplies by its ``rollout_is_weights`` at the same place as ``token_weights``); TRL's
+    ``pg_loss`` (identical when the dual clip is inactive).
 
     Args:
         log_probs: ``[batch, response_len]`` current policy log-probabilities (with gradient).
@@ -1208,60 +1578,182 @@ def vanilla_policy_loss(
         loss_agg_mode: see :func:`agg_loss`.
         global_token_count: see :func:`agg_loss`.
         global_seq_count: see :func:`agg_loss`.
+        norm_length: see :func:`agg_loss` (``seq-mean-token-sum-norm`` only).
+        token_weights: optional ``[batch, response_len]`` factors >= 0, e.g. rollout-correction weights
+            (:func:`rollout_correction_weights`); detached here, so they scale the gradient of each token
+            and never receive one.
 
     Returns:
         ``(loss, metrics)``; ``loss`` is a differentiable 0-dim tensor. ``metrics`` (detached, local masked
-        means over valid tokens): ``pg_loss`` (the loss aggregated over this batch with local counts),
-        ``abs_pg_loss`` (MindSpeed-LLM: mean of ``max(|l1|, |l2|)``), ``ppo_ratio`` (mean ``r``),
-        ``ppo_ratio_clamped`` (mean clipped ``r``), ``pg_clipfrac`` (fraction with ``l2 > l1``),
-        ``pg_clipfrac_lower`` (fraction capped by dual-clip), ``approx_kl`` (TRL:
+        means over valid tokens): ``pg_loss`` (the weighted loss aggregated over this batch with local
+        counts), ``abs_pg_loss`` (MindSpeed-LLM: mean of ``max(|l1|, |l2|)``, unweighted), ``ppo_ratio``
+        (mean ``r``), ``ppo_ratio_clamped`` (mean clipped ``r``), ``pg_clipfrac`` (fraction with
+        ``l2 > l1``), ``pg_clipfrac_lower`` (fraction capped by dual-clip), ``approx_kl`` (TRL:
         ``0.5 * mean((log_probs - old_log_probs)**2)``), ``ppo_kl`` (verl: ``mean(old_log_probs - log_probs)``).
 
     Raises:
-        ValueError: on shape mismatches, a bad mask, an invalid clip setting or aggregation mode.
+        ValueError: on shape mismatches, a bad mask, an invalid clip setting or aggregation mode, or
+            negative / non-finite ``token_weights``.
     """
-    _check_2d("log_probs", log_probs)
-    _check_same_shape(
-        "log_probs", log_probs, old_log_probs=old_log_probs, advantages=advantages, response_mask=response_mask
-    )
-    m = _as_mask("response_mask", response_mask)
-    low = clip_ratio if clip_ratio_low is None else clip_ratio_low
-    high = clip_ratio if clip_ratio_high is None else clip_ratio_high
-    if not 0 <= low < 1:
-        raise ValueError(f"clip_ratio_low must be in [0, 1), got {low}")
-    if high < 0:
-        raise ValueError(f"clip_ratio_high must be >= 0, got {high}")
-    if clip_ratio_c is not None and clip_ratio_c <= 1:
-        raise ValueError(f"clip_ratio_c must be > 1 (or None to disable dual-clip), got {clip_ratio_c}")
-
-    # Pads are set to neutral values first (log-ratio 0, advantage 0), so that garbage there (-inf, nan)
-    # reaches neither the loss nor, through exp's backward, the gradient; TRL writes 1.0 at pads for this.
-    log_ratio = torch.where(m, _upcast(log_probs) - _upcast(old_log_probs), 0.0)
-    adv = torch.where(m, _upcast(advantages), 0.0)
+    low, high = _clip_range(clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c)
+    m, log_ratio, adv, weights = _policy_inputs(log_probs, old_log_probs, advantages, response_mask, token_weights)
     ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    clipped_ratio = torch.clamp(ratio, 1.0 - low, 1.0 + high)
-    pg_losses1 = -adv * ratio
-    pg_losses2 = -adv * clipped_ratio
-    pg_losses = torch.maximum(pg_losses1, pg_losses2)
-    dual_clipped = torch.zeros_like(m)
-    if clip_ratio_c is not None:
-        pg_losses3 = -adv * clip_ratio_c
-        dual_clipped = (adv < 0) & (pg_losses > pg_losses3)
-        pg_losses = torch.where(adv < 0, torch.minimum(pg_losses, pg_losses3), pg_losses)
-    loss = agg_loss(pg_losses, m, loss_agg_mode, global_token_count, global_seq_count)
+    surrogate = _clipped_surrogate(ratio, adv, low, high, clip_ratio_c)
+    return _aggregate_policy_loss(
+        surrogate[0], surrogate, ratio, log_ratio, m, weights, loss_agg_mode, global_token_count,
+        global_seq_count, norm_length,
+    )
 
-    with torch.no_grad():
-        metrics: Metrics = {
-            "pg_loss": agg_loss(pg_losses, m, loss_agg_mode).detach(),
-            "abs_pg_loss": masked_mean(torch.maximum(pg_losses1.abs(), pg_losses2.abs()), m),
-            "ppo_ratio": masked_mean(ratio, m),
-            "ppo_ratio_clamped": masked_mean(clipped_ratio, m),
-            "pg_clipfrac": masked_mean((pg_losses2 > pg_losses1).to(pg_losses.dtype), m),
-            "pg_clipfrac_lower": masked_mean(dual_clipped.to(pg_losses.dtype), m),
-            "approx_kl": 0.5 * masked_mean(log_ratio.square(), m),
-            "ppo_kl": masked_mean(-log_ratio, m),
-        }
-    return loss, {name: value.detach() for name, value in metrics.items()}
+
+def _sequence_log_ratio(log_ratio: Tensor, m: Tensor) -> Tensor:
+    """``[batch]`` mean log-ratio over the valid tokens of each row (0 for an all-masked row)."""
+    return log_ratio.sum(dim=-1) / m.sum(dim=-1).clamp(min=1).to(log_ratio.dtype)
+
+
+@register_policy_loss("gspo")
+def gspo_policy_loss(
+    *,
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    clip_ratio: float = 0.2,
+    clip_ratio_low: Optional[float] = None,
+    clip_ratio_high: Optional[float] = None,
+    clip_ratio_c: Optional[float] = None,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    global_token_count: Optional[Count] = None,
+    global_seq_count: Optional[Count] = None,
+    norm_length: Optional[float] = None,
+    token_weights: Optional[Tensor] = None,
+) -> Tuple[Tensor, Metrics]:
+    """GSPO: one importance ratio per response, clipped per response.
+
+    Source: Zheng et al. 2025, "Group Sequence Policy Optimization" (arXiv:2507.18071), eqs. 5 and 7::
+
+        s_i    = (pi(y_i) / pi_old(y_i)) ** (1 / |y_i|)
+               = exp( (1 / |y_i|) * sum_{t valid} (log_probs - old_log_probs) )    (clamped to exp(+-20))
+        l_it   = max(-A_it * s_i, -A_it * clip(s_i, 1 - clip_ratio_low, 1 + clip_ratio_high))
+        loss   = agg_loss(l * token_weights)
+
+    ``s_i`` carries the gradient of every token of response ``i``. The paper's objective (eq. 5) is
+    ``(1/G) sum_i min(s_i A_i, clip(s_i) A_i)``, a mean over responses; written per token, that is the
+    default ``loss_agg_mode="seq-mean-token-mean"`` (every token of a response holds the same ``l_i``).
+    verl's ``compute_policy_loss_gspo`` is the token form (:func:`gspo_token_policy_loss`, equal to this one
+    for sequence-level advantages) and always aggregates with ``seq-mean-token-mean``, whatever
+    ``loss_agg_mode`` says; here another mode is honoured (``token-mean`` weighs a response by its length).
+    GSPO expects sequence-level advantages ``A_i`` (constant over a response, as ``grpo``, ``dr_grpo`` and
+    ``rloo`` give); token-varying advantages are used token by token with the shared ``s_i``.
+
+    Clip range: ``s_i`` is a geometric mean of token ratios and stays close to 1, so the epsilons are
+    orders of magnitude smaller than PPO's: the paper uses ``clip_ratio_low = 3e-4`` and
+    ``clip_ratio_high = 4e-4`` (PPO's 0.2 would almost never clip). The dual clip is off by default (the
+    paper has none); when ``clip_ratio_c`` is given it bounds ``-A_i * s_i`` for ``A_i < 0`` as in
+    :func:`vanilla_policy_loss`.
+
+    Args:
+        log_probs: ``[batch, response_len]`` current policy log-probabilities (with gradient).
+        old_log_probs: ``[batch, response_len]`` log-probabilities at rollout.
+        advantages: ``[batch, response_len]``, normally constant along each response.
+        response_mask: ``[batch, response_len]`` 0/1.
+        clip_ratio: epsilon for the side not given explicitly.
+        clip_ratio_low: lower epsilon, in ``[0, 1)``; defaults to ``clip_ratio``.
+        clip_ratio_high: upper epsilon, ``>= 0``; defaults to ``clip_ratio``.
+        clip_ratio_c: dual-clip constant, ``> 1``, or ``None`` (default: off).
+        loss_agg_mode: see :func:`agg_loss`; default ``seq-mean-token-mean`` (the paper's).
+        global_token_count: see :func:`agg_loss`.
+        global_seq_count: see :func:`agg_loss`.
+        norm_length: see :func:`agg_loss`.
+        token_weights: optional ``[batch, response_len]`` factors >= 0, detached (see
+            :func:`vanilla_policy_loss`).
+
+    Returns:
+        ``(loss, metrics)`` with the metric names of :func:`vanilla_policy_loss`; ``ppo_ratio`` and
+        ``ppo_ratio_clamped`` average ``s_i`` over valid tokens, ``pg_clipfrac`` is the fraction of valid
+        tokens whose response is clipped (the paper's "fraction of clipped tokens"), ``approx_kl`` and
+        ``ppo_kl`` use the token log-ratios.
+
+    Raises:
+        ValueError: as :func:`vanilla_policy_loss`.
+    """
+    low, high = _clip_range(clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c)
+    m, log_ratio, adv, weights = _policy_inputs(log_probs, old_log_probs, advantages, response_mask, token_weights)
+    seq_log_ratio = _sequence_log_ratio(log_ratio, m).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(seq_log_ratio).unsqueeze(-1).expand_as(log_ratio)
+    surrogate = _clipped_surrogate(ratio, adv, low, high, clip_ratio_c)
+    return _aggregate_policy_loss(
+        surrogate[0], surrogate, ratio, log_ratio, m, weights, loss_agg_mode, global_token_count,
+        global_seq_count, norm_length,
+    )
+
+
+@register_policy_loss("gspo_token")
+def gspo_token_policy_loss(
+    *,
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    clip_ratio: float = 0.2,
+    clip_ratio_low: Optional[float] = None,
+    clip_ratio_high: Optional[float] = None,
+    clip_ratio_c: Optional[float] = None,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    global_token_count: Optional[Count] = None,
+    global_seq_count: Optional[Count] = None,
+    norm_length: Optional[float] = None,
+    token_weights: Optional[Tensor] = None,
+) -> Tuple[Tensor, Metrics]:
+    """GSPO-token: GSPO's sequence ratio as the value, one token's gradient per term.
+
+    Source: Zheng et al. 2025 (GSPO), eqs. 13-14; verl ``compute_policy_loss_gspo`` (whose "gspo" is this
+    token form)::
+
+        s_it   = sg[s_i] * pi(y_it) / sg[pi(y_it)]          (sg = stop-gradient; value s_i, see gspo)
+        l_it   = max(-A_it * s_it, -A_it * clip(s_it, 1 - clip_ratio_low, 1 + clip_ratio_high))
+        loss   = agg_loss(l * token_weights)                 (default seq-mean-token-mean, eq. 13)
+
+    ``s_it`` equals ``s_i`` in value, so the clipping decisions are GSPO's, but its gradient is
+    ``s_i * grad log pi(y_it)``: a token-level advantage ``A_it`` steers only its own token. With
+    ``A_it = A_i`` along each response and ``seq-mean-token-mean``, loss and gradient equal
+    :func:`gspo_policy_loss`'s, as the paper notes. ``sg[log s_i]`` is clamped to ``+-20``.
+
+    Args:
+        log_probs: ``[batch, response_len]`` current policy log-probabilities (with gradient).
+        old_log_probs: ``[batch, response_len]`` log-probabilities at rollout.
+        advantages: ``[batch, response_len]`` token-level advantages.
+        response_mask: ``[batch, response_len]`` 0/1.
+        clip_ratio: epsilon for the side not given explicitly.
+        clip_ratio_low: lower epsilon, in ``[0, 1)`` (paper: 3e-4); defaults to ``clip_ratio``.
+        clip_ratio_high: upper epsilon, ``>= 0`` (paper: 4e-4); defaults to ``clip_ratio``.
+        clip_ratio_c: dual-clip constant, ``> 1``, or ``None`` (default: off).
+        loss_agg_mode: see :func:`agg_loss`; default ``seq-mean-token-mean`` (the paper's).
+        global_token_count: see :func:`agg_loss`.
+        global_seq_count: see :func:`agg_loss`.
+        norm_length: see :func:`agg_loss`.
+        token_weights: optional ``[batch, response_len]`` factors >= 0, detached.
+
+    Returns:
+        ``(loss, metrics)`` as :func:`gspo_policy_loss`.
+
+    Raises:
+        ValueError: as :func:`vanilla_policy_loss`.
+    """
+    low, high = _clip_range(clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c)
+    m, log_ratio, adv, weights = _policy_inputs(log_probs, old_log_probs, advantages, response_mask, token_weights)
+    seq_log_ratio = _sequence_log_ratio(log_ratio, m).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    # log_ratio - sg[log_ratio] is 0 in value and has the gradient of log_probs.
+    ratio = torch.exp(seq_log_ratio.unsqueeze(-1) + (log_ratio - log_ratio.detach()))
+    surrogate = _clipped_surrogate(ratio, adv, low, high, clip_ratio_c)
+    return _aggregate_policy_loss(
+        surrogate[0], surrogate, ratio, log_ratio, m, weights, loss_agg_mode, global_token_count,
+        global_seq_count, norm_length,
+    )
+
+
+def policy_loss_names() -> Tuple[str, ...]:
+    """Names accepted by :func:`compute_policy_loss`, in registration order (for a CLI's ``choices``)."""
+    return tuple(POLICY_LOSS_REGISTRY)
 
 
 def compute_policy_loss(
@@ -1272,7 +1764,10 @@ def compute_policy_loss(
     response_mask: Tensor,
     **options: object,
 ) -> Tuple[Tensor, Metrics]:
-    """Policy loss with the function registered as ``name`` (``"vanilla"``: :func:`vanilla_policy_loss`).
+    """Policy loss with the function registered as ``name``.
+
+    ``"vanilla"``: :func:`vanilla_policy_loss` (PPO / GRPO / DAPO); ``"gspo"``: :func:`gspo_policy_loss`;
+    ``"gspo_token"``: :func:`gspo_token_policy_loss`.
 
     Args:
         name: registered policy loss name.
@@ -1281,7 +1776,8 @@ def compute_policy_loss(
         advantages: ``[batch, response_len]``.
         response_mask: ``[batch, response_len]`` 0/1.
         **options: loss options, e.g. ``clip_ratio``, ``clip_ratio_low``, ``clip_ratio_high``,
-            ``clip_ratio_c``, ``loss_agg_mode``, ``global_token_count``, ``global_seq_count``.
+            ``clip_ratio_c``, ``loss_agg_mode``, ``global_token_count``, ``global_seq_count``,
+            ``norm_length``, ``token_weights``.
 
     Returns:
         ``(loss, metrics)`` as documented by the registered function.
@@ -1342,6 +1838,7 @@ def compute_value_loss(
     loss_agg_mode: str = "token-mean",
     global_token_count: Optional[Count] = None,
     global_seq_count: Optional[Count] = None,
+    norm_length: Optional[float] = None,
 ) -> Tuple[Tensor, Metrics]:
     """Clipped value loss ``0.5 * max((V - R)**2, (V_clip - R)**2)``, ``V_clip = clip(V, V_old +- eps_v)``.
 
@@ -1357,6 +1854,7 @@ def compute_value_loss(
         loss_agg_mode: see :func:`agg_loss`.
         global_token_count: see :func:`agg_loss`.
         global_seq_count: see :func:`agg_loss`.
+        norm_length: see :func:`agg_loss`.
 
     Returns:
         ``(loss, metrics)``; ``metrics`` (detached, local): ``vf_loss`` (loss with local counts),
@@ -1379,10 +1877,10 @@ def compute_value_loss(
     vf_losses1 = (v - ret).square()
     vf_losses2 = (v_clipped - ret).square()
     vf_losses = 0.5 * torch.maximum(vf_losses1, vf_losses2)
-    loss = agg_loss(vf_losses, m, loss_agg_mode, global_token_count, global_seq_count)
+    loss = agg_loss(vf_losses, m, loss_agg_mode, global_token_count, global_seq_count, norm_length)
     with torch.no_grad():
         metrics: Metrics = {
-            "vf_loss": agg_loss(vf_losses, m, loss_agg_mode).detach(),
+            "vf_loss": agg_loss(vf_losses, m, loss_agg_mode, norm_length=norm_length).detach(),
             "vf_clipfrac": masked_mean((vf_losses2 > vf_losses1).to(vf_losses.dtype), m),
             "explained_variance": explained_variance(v, ret, m),
             "vpred_mean": masked_mean(v, m),
@@ -1397,6 +1895,7 @@ def compute_entropy_loss(
     loss_agg_mode: str = "token-mean",
     global_token_count: Optional[Count] = None,
     global_seq_count: Optional[Count] = None,
+    norm_length: Optional[float] = None,
 ) -> Tuple[Tensor, Metrics]:
     """Entropy bonus as a loss term: ``-entropy_coef * agg(entropy)`` (add it to the policy loss).
 
@@ -1410,6 +1909,7 @@ def compute_entropy_loss(
         loss_agg_mode: see :func:`agg_loss`.
         global_token_count: see :func:`agg_loss`.
         global_seq_count: see :func:`agg_loss`.
+        norm_length: see :func:`agg_loss`.
 
     Returns:
         ``(loss, metrics)``; ``metrics["entropy"]`` is the local masked mean entropy (nats).
@@ -1417,7 +1917,9 @@ def compute_entropy_loss(
     Raises:
         ValueError: on shape mismatches, a bad mask or mode.
     """
-    loss = -entropy_coef * agg_loss(entropy, response_mask, loss_agg_mode, global_token_count, global_seq_count)
+    loss = -entropy_coef * agg_loss(
+        entropy, response_mask, loss_agg_mode, global_token_count, global_seq_count, norm_length
+    )
     with torch.no_grad():
         metrics = {"entropy": masked_mean(entropy, response_mask).detach()}
     return loss, metrics
@@ -1433,6 +1935,7 @@ def compute_kl_loss(
     loss_agg_mode: str = "token-mean",
     global_token_count: Optional[Count] = None,
     global_seq_count: Optional[Count] = None,
+    norm_length: Optional[float] = None,
 ) -> Tuple[Tensor, Metrics]:
     """KL to the reference policy as a loss term, the alternative to the KL penalty in the reward.
 
@@ -1450,6 +1953,7 @@ def compute_kl_loss(
         loss_agg_mode: see :func:`agg_loss`.
         global_token_count: see :func:`agg_loss`.
         global_seq_count: see :func:`agg_loss`.
+        norm_length: see :func:`agg_loss`.
 
     Returns:
         ``(loss, metrics)``; ``metrics["kl_loss"]`` is the local aggregated KL (nats, before the coefficient).
@@ -1463,9 +1967,11 @@ def compute_kl_loss(
     # Neutral values at pads keep garbage there out of the estimator's backward (see vanilla_policy_loss).
     lp, ref_lp = torch.where(m, _upcast(log_probs), 0.0), torch.where(m, _upcast(ref_log_probs), 0.0)
     kl = kl_penalty(kl_estimator, lp, ref_lp, clamp=kl_clamp)
-    loss = kl_loss_coef * agg_loss(kl, response_mask, loss_agg_mode, global_token_count, global_seq_count)
+    loss = kl_loss_coef * agg_loss(
+        kl, response_mask, loss_agg_mode, global_token_count, global_seq_count, norm_length
+    )
     with torch.no_grad():
-        metrics = {"kl_loss": agg_loss(kl, response_mask, loss_agg_mode).detach()}
+        metrics = {"kl_loss": agg_loss(kl, response_mask, loss_agg_mode, norm_length=norm_length).detach()}
     return loss, metrics
 
 
@@ -1503,7 +2009,142 @@ def compute_ptx_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. Log-probabilities and entropy from logits
+# 8. Rollout / training mismatch
+# ----------------------------------------------------------------------------------------------------------
+
+ROLLOUT_CORRECTION_MODES = ("none", "tis", "mis")
+"""Valid ``mode`` values of :func:`rollout_correction_weights`."""
+
+
+def _mismatch_inputs(old_log_probs: Tensor, sampler_log_probs: Tensor, response_mask: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(mask, log_ratio)`` with ``log_ratio = old_log_probs - sampler_log_probs`` (0 at pads), detached."""
+    _check_2d("old_log_probs", old_log_probs)
+    _check_same_shape("old_log_probs", old_log_probs, sampler_log_probs=sampler_log_probs, response_mask=response_mask)
+    m = _as_mask("response_mask", response_mask)
+    log_ratio = torch.where(m, _upcast(old_log_probs.detach()) - _upcast(sampler_log_probs.detach()), 0.0)
+    return m, log_ratio
+
+
+def rollout_mismatch_metrics(old_log_probs: Tensor, sampler_log_probs: Tensor, response_mask: Tensor) -> Metrics:
+    """How far the sampler's log-probabilities are from the training forward's, on the sampled tokens.
+
+    The sampler (inference kernels, KV cache, possibly another precision) and the training forward compute
+    the same policy with different numerics; RL is then silently off-policy. With
+    ``d = old_log_probs - sampler_log_probs`` over valid tokens:
+
+    * ``mismatch_abs_diff_mean`` / ``mismatch_abs_diff_max``: mean and max of ``|d|`` (nats);
+    * ``mismatch_kl``: ``KL(pi_sampler || pi_old)`` estimated with k3, ``mean((r - 1) - log r)``,
+      ``r = pi_old / pi_sampler = exp(d)`` -- unbiased because the tokens were drawn from the sampler, and
+      >= 0 (Schulman 2020; verl ``compute_offpolicy_metrics``' ``k3_kl``);
+    * ``mismatch_kl_k1``: the k1 estimate ``mean(-d)`` of the same KL (unbiased, can be negative; verl's
+      ``kl``).
+
+    Both log-probabilities must be at the same sampling temperature. Metrics are local to the tensors
+    passed in; an all-masked input gives zeros.
+
+    Args:
+        old_log_probs: ``[batch, response_len]`` log-probabilities of the sampled tokens from the training
+            forward before the update (``pi_old``).
+        sampler_log_probs: ``[batch, response_len]`` the same tokens' log-probabilities reported by the
+            sampler.
+        response_mask: ``[batch, response_len]`` 0/1.
+
+    Returns:
+        dict of detached 0-dim float32 tensors (nats).
+
+    Raises:
+        ValueError: on shape mismatches or a bad mask.
+    """
+    m, log_ratio = _mismatch_inputs(old_log_probs, sampler_log_probs, response_mask)
+    with torch.no_grad():
+        abs_diff = log_ratio.abs()
+        # k3 depends only on ref_log_probs - log_probs, here log(pi_old / pi_sampler).
+        k3 = kl_k3(torch.zeros_like(log_ratio), log_ratio)
+        return {
+            "mismatch_abs_diff_mean": masked_mean(abs_diff, m),
+            "mismatch_abs_diff_max": abs_diff.amax() if abs_diff.numel() else abs_diff.new_zeros(()),
+            "mismatch_kl": masked_mean(k3, m),
+            "mismatch_kl_k1": masked_mean(-log_ratio, m),
+        }
+
+
+def rollout_correction_weights(
+    old_log_probs: Tensor,
+    sampler_log_probs: Tensor,
+    response_mask: Tensor,
+    mode: str = "tis",
+    cap: float = 2.0,
+) -> Tuple[Tensor, Metrics]:
+    """Per-token importance weights ``pi_old / pi_sampler`` that correct for the sampler mismatch.
+
+    With ``rho = exp(old_log_probs - sampler_log_probs)`` (log clamped to ``+-20``) on the sampled tokens:
+
+    * ``tis`` (truncated importance sampling): ``w = min(rho, cap)``. Source: Yao et al. 2025, "Your
+      Efficient RL Framework Secretly Brings You Off-Policy RL Training"; verl ``rollout_is="token"`` with
+      ``rollout_is_threshold`` (default 2.0); slime ``--use-tis --tis-clip 2.0`` (its ``--tis-clip-low``
+      defaults to 0, no lower bound, as here).
+    * ``mis`` (masked importance sampling): ``w = rho`` where ``rho <= cap``, 0 elsewhere -- a token the
+      trainer finds much likelier than the sampler did is dropped instead of capped. Source: Liu, Li et
+      al. 2025, "When Speed Kills Stability: Demystifying RL Collapse from the Training-Inference
+      Mismatch" (token-level MIS). verl's earlier ``rollout_is_mode="mask"`` zeroed weights outside
+      ``[lower, cap]`` (lower defaulting to ``1 / cap``); current verl expresses masking as rejection
+      sampling (``rollout_rs="token_k1"`` with lower and upper ratio bounds), which removes the rejected
+      tokens from ``response_mask`` -- out of the loss *and* of the token count -- and leaves weight 1 on
+      the kept ones unless TIS is also on. Here a masked token keeps its place in the normaliser with
+      weight 0, and there is no lower bound.
+    * ``none``: ``w = 1``.
+
+    The weights multiply the per-token policy loss (``token_weights`` of every registered policy loss),
+    as verl applies its rollout importance weights. They are detached: they change the measure the loss is
+    averaged over, not the objective, so no gradient flows through them.
+
+    Args:
+        old_log_probs: ``[batch, response_len]`` training-forward log-probabilities before the update.
+        sampler_log_probs: ``[batch, response_len]`` the sampler's log-probabilities of the same tokens.
+        response_mask: ``[batch, response_len]`` 0/1.
+        mode: one of ``ROLLOUT_CORRECTION_MODES``.
+        cap: ``C`` > 0 (ignored by ``none``).
+
+    Returns:
+        ``(weights, metrics)``: ``weights`` is ``[batch, response_len]``, detached, float32 (float64 stays
+        float64), 0 at pads. ``metrics`` (detached 0-dim, masked over valid tokens):
+        ``rollout_is_weight_mean``, ``rollout_is_ratio_max`` (largest ``rho``), ``rollout_is_capped_frac``
+        (fraction with ``rho > cap`` under ``tis``, else 0), ``rollout_is_masked_frac`` (the same under
+        ``mis``, else 0).
+
+    Raises:
+        ValueError: for an unknown mode (lists the valid ones), a non-positive or non-finite ``cap``, shape
+            mismatches or a bad mask.
+    """
+    _check_name("rollout correction mode", mode, ROLLOUT_CORRECTION_MODES)
+    m, log_ratio = _mismatch_inputs(old_log_probs, sampler_log_probs, response_mask)
+    if mode != "none":
+        cap = _as_float("cap", cap)
+        if cap <= 0:
+            raise ValueError(f"cap must be > 0, got {cap}")
+    with torch.no_grad():
+        rho = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        over = m & (rho > cap) if mode != "none" else torch.zeros_like(m)
+        if mode == "tis":
+            weights = rho.clamp(max=cap)
+        elif mode == "mis":
+            weights = torch.where(over, 0.0, rho)
+        else:
+            weights = torch.ones_like(rho)
+        weights = torch.where(m, weights, 0.0)
+        zero = weights.new_zeros(())
+        over_frac = masked_mean(over.to(weights.dtype), m)
+        metrics: Metrics = {
+            "rollout_is_weight_mean": masked_mean(weights, m),
+            "rollout_is_ratio_max": torch.where(m, rho, 0.0).amax() if rho.numel() else zero,
+            "rollout_is_capped_frac": over_frac if mode == "tis" else zero,
+            "rollout_is_masked_frac": over_frac if mode == "mis" else zero,
+        }
+    return weights.detach(), metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Log-probabilities and entropy from logits
 # ----------------------------------------------------------------------------------------------------------
 
 
