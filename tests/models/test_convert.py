@@ -673,3 +673,19 @@ def test_exported_token_classifier_mean_equals_response_mean(smol_reward, dpo_pa
         diff = (theirs - ours).abs().max().item()
         print(f"response_mean pooling, {side} padding: max |HF - posttrain| = {diff:.3g}")
         assert diff <= 1e-4, side
+
+
+@pytest.mark.parametrize("name, damage, fragment", [
+    ("tokenizer_json_truncated", lambda d: _truncate(d / "tokenizer.json", 5000), "the tokenizer files do not load"),
+    ("generation_config_bad", lambda d: (d / "generation_config.json").write_text("[1,"),
+     "generation_config.json: not a valid generation config"),
+])
+def test_reward_export_with_damaged_tokenizer_files(name, damage, fragment, smol_reward, work, capsys):
+    """The sequence-classifier export reads the tokenizer to choose its pad token: damaged tokenizer files give one
+    error line, not a traceback."""
+    damaged = work / f"damaged_rm_{name}"
+    shutil.copytree(smol_reward["last"], damaged)
+    damage(damaged)
+    out = work / f"out_damaged_rm_{name}"
+    code, err = run_main(capsys, "--direction", "mcore2hf", "--load-dir", damaged, "--save-dir", out)
+    assert_clean_failure(code, err, out, str(damaged), fragment)
