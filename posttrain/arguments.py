@@ -4,22 +4,38 @@ Each training stage describes its options as dataclasses whose fields carry a ``
 :func:`add_dataclass_args` turns every field into a Megatron-style flag (``micro_batch_size`` ->
 ``--micro-batch-size``) and :func:`dataclass_from_args` builds the dataclass back from the parsed namespace, so
 validation lives in one place: each dataclass's ``__post_init__``. There is no global ``get_args()``.
+
+Fields declared with plain ``dataclasses.field`` (not :func:`arg`) are options of the Python API only and get no
+flag. A field's ``group`` puts its flag under that heading of ``--help``; ``type`` overrides the conversion of the
+flag's text that the annotation would imply (e.g. ``str`` for a value that ``__post_init__`` parses).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from posttrain.errors import InputError
 
 
 def arg(default: Any = dataclasses.MISSING, help: str = "", choices=None, flag: Optional[str] = None,
-        default_factory: Any = dataclasses.MISSING, aliases: tuple = ()) -> Any:
-    """A dataclass field that becomes a command-line flag (``help`` is the flag's help text)."""
-    metadata = {"help": help, "choices": choices, "flag": flag, "aliases": aliases}
+        default_factory: Any = dataclasses.MISSING, aliases: tuple = (), group: Optional[str] = None,
+        type: Optional[Callable[[str], Any]] = None) -> Any:
+    """A dataclass field that becomes a command-line flag.
+
+    Args:
+        default, default_factory: the field's default (none: the flag is required).
+        help: the flag's help text (``--help`` appends the default).
+        choices: allowed values.
+        flag: the flag's name (default: ``--`` + the field name with ``-`` for ``_``).
+        aliases: further names of the same flag.
+        group: heading of ``--help`` the flag is listed under (default: the dataclass's group).
+        type: turns the flag's text into the value (default: implied by the annotation).
+    """
+    metadata = {"help": help, "choices": choices, "flag": flag, "aliases": aliases, "group": group, "type": type}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -31,7 +47,7 @@ def _flag_name(f: dataclasses.Field) -> str:
 
 def _base_type(tp):
     origin = typing.get_origin(tp)
-    if origin is typing.Union:
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X] or X | None
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _base_type(args[0])
     if origin in (list, tuple):
@@ -39,19 +55,30 @@ def _base_type(tp):
     return tp
 
 
+def _shows_default(default: Any) -> bool:
+    """Whether ``--help`` appends ``(default: ...)``: not for None (the help text says what happens) and not for
+    an off switch (``False``); ``0`` and ``0.0`` are shown."""
+    return default is not None and default is not False
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: Optional[str] = None) -> None:
-    """Add one flag per field of dataclass ``cls`` to ``parser`` (a group titled ``title``)."""
-    group = parser.add_argument_group(title or cls.__name__)
+    """Add one flag per :func:`arg` field of dataclass ``cls`` to ``parser`` (a group titled ``title``, or the
+    field's own ``group``)."""
+    groups = {None: parser.add_argument_group(title or cls.__name__)}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or "help" not in f.metadata:
             continue
+        heading = f.metadata.get("group")
+        if heading not in groups:
+            groups[heading] = parser.add_argument_group(heading)
+        group = groups[heading]
         names = [_flag_name(f), *f.metadata.get("aliases", ())]
-        tp = _base_type(hints[f.name])
+        tp = f.metadata.get("type") or _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         kwargs = {"dest": f.name, "help": f.metadata.get("help", "") + (f" (default: {default})"
-                                                                        if default not in (None, False) else "")}
+                                                                        if _shows_default(default) else "")}
         if tp is bool:
             if default:
                 group.add_argument(*names, action=argparse.BooleanOptionalAction, default=default, **kwargs)
@@ -67,8 +94,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: Optional[str
 
 
 def dataclass_from_args(cls, namespace: argparse.Namespace):
-    """Build ``cls`` from the parsed namespace (runs the dataclass's validation)."""
-    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(namespace, f.name)}
+    """Build ``cls`` from the parsed namespace (runs the dataclass's validation; fields without a flag keep their
+    defaults)."""
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)
+              if f.init and "help" in f.metadata and hasattr(namespace, f.name)}
     return cls(**values)
 
 

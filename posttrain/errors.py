@@ -16,6 +16,10 @@ class InputError(Exception):
     """A problem with the user's input, described in one line that names the flag, file or row at fault."""
 
 
+class InputFileNotFoundError(InputError, FileNotFoundError):
+    """A file or directory the user named (or one it must contain) does not exist."""
+
+
 class TrainingDivergedError(RuntimeError):
     """A loss, score or gradient norm became NaN/inf: the run stops and keeps its last checkpoint."""
 

@@ -7,8 +7,13 @@
 """
 from posttrain.data.errors import DataError
 from posttrain.data.handlers import get_handler, handler_names, register_handler
-from posttrain.data.prompt_dataset import (PairwiseDataset, PreferencePair, PromptDataset, PromptSampler,
-                                           pad_sequences)
+from posttrain.data.prompt_dataset import (
+                                           PairwiseDataset,
+                                           PreferencePair,
+                                           PromptDataset,
+                                           PromptSampler,
+                                           pad_sequences,
+)
 from posttrain.data.templates import get_template, register_template, template_names
 
 __all__ = [

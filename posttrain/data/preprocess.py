@@ -35,12 +35,24 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from posttrain.arguments import add_dataclass_args, arg, dataclass_from_args
 from posttrain.data.errors import DataError
-from posttrain.data.handlers import DatasetHandler, EncodedChunk, get_handler, handler_names
+from posttrain.data.handlers import (
+    DatasetHandler,
+    EncodedChunk,
+    get_handler,
+    handler_names,
+)
 from posttrain.data.sources import InputFile, discover_inputs, open_input
 from posttrain.data.templates import get_template, template_names
 from posttrain.data.tokenizer import TOKENIZER_TYPES, TokenizerSpec
-from posttrain.data.writer import IndexedDatasetWriter, indexed_dataset_module, meta_path, numpy_dtype
+from posttrain.data.writer import (
+    IndexedDatasetWriter,
+    indexed_dataset_module,
+    meta_path,
+    numpy_dtype,
+)
+from posttrain.errors import InputError, one_line
 
 logger = logging.getLogger("posttrain.data.preprocess")
 
@@ -48,19 +60,39 @@ META_FORMAT_VERSION = 1
 MAX_SKIP_EXAMPLES = 5
 
 
-@dataclass
+def _parse_map_keys(text: str) -> dict[str, str] | None:
+    """``--map-keys`` text -> dict ("" -> None).
+
+    Raises:
+        DataError: not valid JSON, or not a JSON object.
+    """
+    if not text:
+        return None
+    try:
+        map_keys = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"--map-keys is not valid JSON ({exc.msg}): {text}") from None
+    if not isinstance(map_keys, dict):
+        raise DataError(f"--map-keys must be a JSON object, got {text}")
+    return map_keys
+
+
+@dataclass(kw_only=True)
 class PreprocessConfig:
-    """Options of one preprocessing run (the command-line flags, by the same names).
+    """Options of one preprocessing run: the ``preprocess_data.py`` flags, generated from these fields (same names;
+    ``output_prefix`` is ``--output-prefix``).
 
     Attributes:
         input: a file, a directory or a glob of ``.parquet``/``.json``/``.jsonl`` files.
-        output_prefix: datasets are written to ``<output_prefix>_<name>_document.{bin,idx}``.
+        output_prefix: datasets are written to ``<output_prefix>_<name>_document.{bin,idx}``; missing directories
+            are created.
         tokenizer_type: ``PretrainedFromHF`` or ``SentencePieceTokenizer``.
         tokenizer_name_or_path: Hugging Face directory or Hub name (``PretrainedFromHF``).
         tokenizer_model: SentencePiece ``.model`` file (``SentencePieceTokenizer``).
         handler_name: a registered handler (:func:`~posttrain.data.handlers.handler_names`).
         prompt_type: a registered template (:func:`~posttrain.data.templates.template_names`).
-        map_keys: field -> column name overrides (e.g. ``{"prompt": "question"}``).
+        map_keys: field -> column name overrides (e.g. ``{"prompt": "question"}``), or that object as JSON text
+            (the command line); ``__post_init__`` parses the text, and "" means none.
         system_prompt: replaces the template's default system prompt ("" removes it); a row's own system column
             still wins.
         seq_length: rows whose sequence is ``>= seq_length`` tokens are skipped and counted (None: no limit).
@@ -70,24 +102,37 @@ class PreprocessConfig:
         workers: tokenizing processes; 1 tokenizes in the main process.
         log_interval: a progress line every this many input rows.
         chunk_size: rows per task sent to a worker (at most ``log_interval``).
-        progress_bar: show a tqdm bar; None shows it when stderr is a terminal.
+        progress_bar: show a tqdm bar; None shows it when stderr is a terminal (no flag).
+
+    Raises (from ``__post_init__``):
+        DataError: a value out of range, an unknown handler / prompt type / tokenizer type, a tokenizer type without
+            its path, or bad ``map_keys``; the message names the flag.
     """
 
-    input: str
-    output_prefix: str
-    tokenizer_type: str = "PretrainedFromHF"
-    tokenizer_name_or_path: str | None = None
-    tokenizer_model: str | None = None
-    handler_name: str = "PPOAlpacaStyleInstructionHandler"
-    prompt_type: str = "empty"
-    map_keys: dict[str, str] | None = None
-    system_prompt: str | None = None
-    seq_length: int | None = None
-    max_samples: int | None = None
-    seed: int | None = None
-    workers: int = 1
-    log_interval: int = 1000
-    chunk_size: int = 512
+    input: str = arg(help="a .parquet/.json/.jsonl file, a directory of them, or a glob pattern", group="input")
+    handler_name: str = arg("PPOAlpacaStyleInstructionHandler", "one of: " + ", ".join(handler_names()),
+                            group="input")
+    map_keys: dict[str, str] | str | None = arg(
+        None, 'JSON object mapping fields to columns, e.g. \'{"prompt": "instruction", "query": "input", '
+              '"system": "system"}\' (default: the handler\'s column names)', group="input", type=str)
+    max_samples: int | None = arg(None, "read at most this many input rows (default: all)", group="input")
+    seed: int | None = arg(None, "with --max-samples: pick a random subset of rows with this seed (default: the "
+                                 "first rows)", group="input")
+    tokenizer_type: str = arg("PretrainedFromHF", " or ".join(TOKENIZER_TYPES), group="tokenizer and template")
+    tokenizer_name_or_path: str | None = arg(None, "Hugging Face tokenizer directory or name (needed by "
+                                                   "PretrainedFromHF)", group="tokenizer and template")
+    tokenizer_model: str | None = arg(None, "SentencePiece .model file (needed by SentencePieceTokenizer)",
+                                      group="tokenizer and template")
+    prompt_type: str = arg("empty", "one of: " + ", ".join(template_names()), group="tokenizer and template")
+    system_prompt: str | None = arg(None, "replace the template's default system prompt ('' for none; default: "
+                                          "the template's)", group="tokenizer and template")
+    seq_length: int | None = arg(None, "skip (and count) rows whose sequence has at least this many tokens "
+                                       "(default: no limit)", group="tokenizer and template")
+    output_prefix: str = arg(help="write <prefix>_<name>_document.{bin,idx} and <prefix>_meta.json (missing "
+                                  "directories are created)", group="output and performance")
+    workers: int = arg(1, "tokenizing processes", group="output and performance")
+    chunk_size: int = arg(512, "rows per worker task (at most --log-interval)", group="output and performance")
+    log_interval: int = arg(1000, "log progress every this many rows", group="output and performance")
     progress_bar: bool | None = None
 
     def __post_init__(self) -> None:
@@ -98,6 +143,19 @@ class PreprocessConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise DataError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.tokenizer_type not in TOKENIZER_TYPES:
+            raise DataError(f"--tokenizer-type {self.tokenizer_type!r} is unknown; valid types: "
+                            + ", ".join(TOKENIZER_TYPES))
+        if self.tokenizer_type == "PretrainedFromHF" and not self.tokenizer_name_or_path:
+            raise DataError("--tokenizer-type PretrainedFromHF needs --tokenizer-name-or-path")
+        if self.tokenizer_type == "SentencePieceTokenizer" and not self.tokenizer_model:
+            raise DataError("--tokenizer-type SentencePieceTokenizer needs --tokenizer-model")
+        if isinstance(self.map_keys, str):
+            self.map_keys = _parse_map_keys(self.map_keys)
+        if self.map_keys is not None and not isinstance(self.map_keys, dict):
+            raise DataError(f"--map-keys must be a JSON object, got {self.map_keys!r}")
+        get_template(self.prompt_type)
+        get_handler(self.handler_name)(self.map_keys, self.system_prompt)  # checks the --map-keys fields
 
     @property
     def tokenizer_spec(self) -> TokenizerSpec:
@@ -288,6 +346,47 @@ def _progress_line(stats: _Stats, elapsed: float) -> str:
             f"{stats.tokens / elapsed:,.0f} tokens/s | {elapsed:.1f} s")
 
 
+def _missing_directories(prefix: str) -> list[str]:
+    """The directories of ``--output-prefix`` that do not exist yet, outermost first.
+
+    Raises:
+        DataError: an existing part of the path is not a directory.
+    """
+    directory = os.path.dirname(os.path.abspath(prefix))
+    missing = []
+    while not os.path.exists(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    if not os.path.isdir(directory):
+        raise DataError(f"--output-prefix {prefix}: {directory} is not a directory")
+    return missing[::-1]
+
+
+def _make_directories(directories: Sequence[str], prefix: str) -> None:
+    """Create ``directories`` (outermost first).
+
+    Raises:
+        DataError: one cannot be created (permissions, a file in the way).
+    """
+    for directory in directories:
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise DataError(f"--output-prefix {prefix}: {directory} is not a directory") from None
+        except OSError as exc:
+            raise DataError(f"--output-prefix {prefix}: cannot create {directory} ({exc.strerror or exc})") from None
+
+
+def _remove_empty_directories(directories: Sequence[str]) -> None:
+    """Remove the directories a failed run created (innermost first), as long as they are empty."""
+    for directory in reversed(directories):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
+
+
 def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
     """Run one preprocessing job (see the module docstring).
 
@@ -298,17 +397,16 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
         A :class:`PreprocessResult` describing the files written.
 
     Raises:
-        DataError: bad option, unreadable input, missing column, wrong cell type, unloadable tokenizer, missing
-            output directory, or no row left to write. No ``.bin``/``.idx`` file of this run is left behind.
+        DataError: bad option, unreadable input, missing column, wrong cell type, unloadable tokenizer, an output
+            directory that cannot be created, or no row left to write. No ``.bin``/``.idx`` file of this run is left
+            behind, nor a directory it created.
     """
     global _WORKER
     started = time.perf_counter()
     handler = get_handler(config.handler_name)(config.map_keys, config.system_prompt)
     get_template(config.prompt_type)
     files = discover_inputs(config.input)
-    out_dir = os.path.dirname(os.path.abspath(config.output_prefix))
-    if not os.path.isdir(out_dir):
-        raise DataError(f"--output-prefix {config.output_prefix}: the directory {out_dir} does not exist")
+    new_dirs = _missing_directories(config.output_prefix)
     sources = [open_input(path) for path in files]
     for source in sources:
         handler.check_columns(source)
@@ -335,7 +433,9 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
     next_log = config.log_interval
     pool = None
     _WORKER = state
+    finished = False
     try:
+        _make_directories(new_dirs, config.output_prefix)
         with IndexedDatasetWriter(config.output_prefix, outputs, tokenizer.vocab_size) as writer, \
                 tqdm(total=num_rows, unit=" docs", disable=not show_bar, file=sys.stderr, dynamic_ncols=True) as bar, \
                 (logging_redirect_tqdm(loggers=[logging.getLogger("posttrain.data")]) if show_bar else contextlib.nullcontext()):
@@ -375,11 +475,14 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
                 raise DataError(f"no document written: all {stats.rows} rows were skipped ({reasons})")
             meta = _build_meta(config, handler, template, tokenizer, sources, stats, outputs)
             datasets = writer.commit(meta)
+        finished = True
     finally:
         _WORKER = None
         if pool is not None:
             pool.terminate()
             pool.join()
+        if not finished:
+            _remove_empty_directories(new_dirs)
     now = time.perf_counter()
     process_s, elapsed = now - process_start, now - started
     skipped = stats.skipped_dict()
@@ -431,39 +534,12 @@ def _build_meta(config: PreprocessConfig, handler: DatasetHandler, template, tok
 # ---------------------------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``preprocess_data.py`` argument parser (MindSpeed-LLM flag names)."""
+    """The ``preprocess_data.py`` argument parser (MindSpeed-LLM flag names, generated from
+    :class:`PreprocessConfig`)."""
     parser = argparse.ArgumentParser(
         prog="preprocess_data.py",
         description="Template and tokenize prompts (or preference pairs) into Megatron indexed datasets.")
-    group = parser.add_argument_group("input")
-    group.add_argument("--input", required=True,
-                       help="a .parquet/.json/.jsonl file, a directory of them, or a glob pattern")
-    group.add_argument("--handler-name", default="PPOAlpacaStyleInstructionHandler",
-                       help="one of: " + ", ".join(handler_names()) + " (default %(default)s)")
-    group.add_argument("--map-keys", default=None,
-                       help='JSON object mapping fields to columns, e.g. \'{"prompt": "instruction", '
-                            '"query": "input", "system": "system"}\'')
-    group.add_argument("--max-samples", type=int, default=None, help="read at most this many input rows")
-    group.add_argument("--seed", type=int, default=None,
-                       help="with --max-samples: pick a random subset of rows with this seed (default: the first)")
-    group = parser.add_argument_group("tokenizer and template")
-    group.add_argument("--tokenizer-type", default="PretrainedFromHF", help=" or ".join(TOKENIZER_TYPES))
-    group.add_argument("--tokenizer-name-or-path", default=None, help="Hugging Face tokenizer directory or name")
-    group.add_argument("--tokenizer-model", default=None, help="SentencePiece .model file")
-    group.add_argument("--prompt-type", default="empty",
-                       help="one of: " + ", ".join(template_names()) + " (default %(default)s)")
-    group.add_argument("--system-prompt", default=None,
-                       help="replace the template's default system prompt ('' for none)")
-    group.add_argument("--seq-length", type=int, default=None,
-                       help="skip (and count) rows whose sequence has at least this many tokens")
-    group = parser.add_argument_group("output and performance")
-    group.add_argument("--output-prefix", required=True,
-                       help="write <prefix>_<name>_document.{bin,idx} and <prefix>_meta.json")
-    group.add_argument("--workers", type=int, default=1, help="tokenizing processes (default %(default)s)")
-    group.add_argument("--chunk-size", type=int, default=512,
-                       help="rows per worker task (default %(default)s, at most --log-interval)")
-    group.add_argument("--log-interval", type=int, default=1000,
-                       help="log progress every this many rows (default %(default)s)")
+    add_dataclass_args(parser, PreprocessConfig, "preprocessing")
     return parser
 
 
@@ -492,22 +568,9 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     """Turn parsed flags into a :class:`PreprocessConfig`.
 
     Raises:
-        DataError: ``--map-keys`` is not a JSON object of strings, or a numeric flag is out of range.
+        DataError: see :class:`PreprocessConfig` (bad ``--map-keys``, a numeric flag out of range, ...).
     """
-    map_keys = None
-    if args.map_keys:
-        try:
-            map_keys = json.loads(args.map_keys)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"--map-keys is not valid JSON ({exc.msg}): {args.map_keys}") from None
-        if not isinstance(map_keys, dict):
-            raise DataError(f"--map-keys must be a JSON object, got {args.map_keys}")
-    return PreprocessConfig(
-        input=args.input, output_prefix=args.output_prefix, tokenizer_type=args.tokenizer_type,
-        tokenizer_name_or_path=args.tokenizer_name_or_path, tokenizer_model=args.tokenizer_model,
-        handler_name=args.handler_name, prompt_type=args.prompt_type, map_keys=map_keys,
-        system_prompt=args.system_prompt, seq_length=args.seq_length, max_samples=args.max_samples,
-        seed=args.seed, workers=args.workers, log_interval=args.log_interval, chunk_size=args.chunk_size)
+    return dataclass_from_args(PreprocessConfig, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -524,11 +587,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     try:
         run_preprocess(config_from_args(args))
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (InputError, OSError) as exc:  # the user's data or options, a permission or a full disk: one line
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted; no dataset written", file=sys.stderr)

@@ -21,15 +21,22 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import pickle
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from posttrain.atomic import AtomicDirectory
-from posttrain.errors import InputError
-from posttrain.models.provider import MODEL_KINDS, model_info, parse_hf_config, unwrap_model
+from posttrain.errors import InputError, InputFileNotFoundError
+from posttrain.models.provider import (
+    MODEL_KINDS,
+    model_info,
+    parse_hf_config,
+    unwrap_model,
+)
 
 META_FILE = "posttrain_checkpoint.json"
 MODEL_SUBDIR = "model"
@@ -101,6 +108,62 @@ def read_checkpoint_meta(directory: str | Path) -> dict:
     return meta
 
 
+def verify_checkpoint_files(directory: str | Path) -> None:
+    """Check that the files of ``<directory>/model/`` are complete, reading only headers and sizes.
+
+    Reads megatron-core's ``metadata.json``, torch's ``.metadata`` (which lists, for every stored tensor, the
+    ``.distcp`` file, byte offset and length holding it) and checks ``common.pt``'s zip directory, then checks that
+    every listed ``.distcp`` file exists and is long enough. Bit flips inside a tensor are not detected (the format
+    has no checksums).
+
+    Raises:
+        CheckpointError: a file is missing, empty, truncated or unreadable (the message names it).
+    """
+    # megatron-core and torch.distributed.checkpoint are heavy: imported on use, as elsewhere in this module
+    from megatron.core.dist_checkpointing.core import maybe_load_config
+    from torch.distributed.checkpoint import FileSystemReader
+
+    model_dir = Path(directory) / MODEL_SUBDIR
+    config_file = model_dir / "metadata.json"
+    try:
+        config = maybe_load_config(str(model_dir))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
+        raise CheckpointError(f"{config_file}: unreadable ({exc})") from None
+    if config is None:
+        raise CheckpointError(f"{model_dir}: not a dist_checkpointing directory (no metadata.json)")
+    if config.sharded_backend != "torch_dist":
+        raise CheckpointError(f"{config_file}: sharded backend {config.sharded_backend!r}, expected 'torch_dist'")
+    common = model_dir / "common.pt"
+    if not common.is_file():
+        raise CheckpointError(f"{common}: missing from the checkpoint")
+    try:
+        with zipfile.ZipFile(common) as archive:
+            damaged = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{common}: unreadable ({exc}); the file is truncated or corrupt") from None
+    if damaged is not None:
+        raise CheckpointError(f"{common}: entry {damaged} is corrupt")
+    metadata_file = model_dir / ".metadata"
+    if not metadata_file.is_file():
+        raise CheckpointError(f"{metadata_file}: missing from the checkpoint")
+    try:
+        metadata = FileSystemReader(str(model_dir)).read_metadata()
+    except Exception as exc:  # unpickling a damaged file fails with many exception types; nothing else runs here
+        raise CheckpointError(f"{metadata_file}: unreadable ({_first_line(exc)}); the file is truncated or "
+                              "corrupt") from None
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = model_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in {metadata_file.name})")
+        actual = path.stat().st_size
+        if actual < size:
+            raise CheckpointError(f"{path}: truncated ({actual} bytes, {metadata_file.name} lists data up to byte "
+                                  f"{size})")
+
+
 def _param_dtype(model: torch.nn.Module) -> str:
     inner = unwrap_model(model)
     for param in inner.decoder.parameters():
@@ -122,10 +185,10 @@ def check_tokenizer_dir(tokenizer_dir: str | Path) -> list[Path]:
     """
     tokenizer_dir = Path(tokenizer_dir)
     if not tokenizer_dir.is_dir():
-        raise FileNotFoundError(f"{tokenizer_dir}: tokenizer directory not found")
+        raise InputFileNotFoundError(f"{tokenizer_dir}: tokenizer directory not found")
     files = tokenizer_files(tokenizer_dir)
     if not any(f.name not in ("generation_config.json",) for f in files):
-        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files (expected one of tokenizer.json, "
+        raise InputFileNotFoundError(f"{tokenizer_dir}: no tokenizer files (expected one of tokenizer.json, "
                                 "tokenizer.model, vocab.json, ...)")
     return files
 
@@ -257,6 +320,26 @@ def _check_architecture(meta: dict, model: torch.nn.Module, directory: Path) -> 
                               f"{'; '.join(diffs)})")
 
 
+_READ_ERRORS = (OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
+"""What reading a damaged ``.distcp`` file raises inside torch's checkpoint reader."""
+
+
+def _read_failure(exc: BaseException) -> Optional[str]:
+    """The first line of the read error behind a ``CheckpointException``, or None when some rank failed for
+    another reason (a bug, which keeps its traceback)."""
+    failures = [failure[0] for failure in exc.failures.values()]
+    if not failures or not all(isinstance(f, _READ_ERRORS) for f in failures):
+        return None
+    if isinstance(failures[0], pickle.UnpicklingError):  # torch's text is advice about weights_only, not the cause
+        return type(failures[0]).__name__
+    return _first_line(failures[0])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def load_model_checkpoint(model: torch.nn.Module, directory: str | Path, strict: bool = True) -> dict:
     """Load a posttrain checkpoint into a model built at any TP / PP / EP (collective: every rank calls it).
 
@@ -273,15 +356,18 @@ def load_model_checkpoint(model: torch.nn.Module, directory: str | Path, strict:
         checkpoint did not provide (always empty when ``strict``).
 
     Raises:
-        CheckpointError: not a posttrain checkpoint; its architecture (hidden size, layers, heads, vocabulary, ...)
-            or kind differs from the model's; a tensor's global shape differs; or (``strict``) a tensor is missing.
+        CheckpointError: not a posttrain checkpoint; a file of it is missing, truncated or unreadable (see
+            :func:`verify_checkpoint_files`); its architecture (hidden size, layers, heads, vocabulary, ...) or kind
+            differs from the model's; a tensor's global shape differs; or (``strict``) a tensor is missing.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException
 
     directory = Path(directory)
     meta = read_checkpoint_meta(directory)
+    verify_checkpoint_files(directory)
     inner = unwrap_model(model)
     _check_architecture(meta, model, directory)
     kind = info.kind if (info := model_info(model)) else None
@@ -308,8 +394,15 @@ def load_model_checkpoint(model: torch.nn.Module, directory: str | Path, strict:
         sharded.pop(name)
         extra_state = name.rsplit(".", 1)[0] + "._extra_state"
         sharded.pop(extra_state, None)
-    state = dist_checkpointing.load(sharded, str(directory / MODEL_SUBDIR),
-                                    strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    try:
+        state = dist_checkpointing.load(sharded, str(directory / MODEL_SUBDIR),
+                                        strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    except CheckpointException as exc:
+        reason = _read_failure(exc)
+        if reason is None:
+            raise
+        raise CheckpointError(f"{directory / MODEL_SUBDIR}: tensor data does not read back ({reason}); a .distcp "
+                              "file is corrupt") from None
     result = inner.load_state_dict(state, strict=False)
     unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
     not_loaded = [k for k in result.missing_keys if not k.endswith("_extra_state")]

@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 
-from posttrain.errors import InputError
+from posttrain.errors import InputError, InputFileNotFoundError
 from posttrain.models.provider import ArchSpec
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -72,43 +72,63 @@ class HFCheckpointReader:
     Args:
         directory: the HF model directory.
 
+    Every file's header is read when the reader is made, so an empty, truncated or corrupt file (safetensors
+    checks that the header covers the whole file) fails here, before anything is converted.
+
     Raises:
         FileNotFoundError: no ``model.safetensors`` / index, or a shard named by the index is missing.
-        MappingError: the index is not valid JSON.
+        MappingError: the index is not valid JSON; a file is empty, truncated or not safetensors; a shard lacks a
+            tensor the index assigns to it.
     """
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         index = self.directory / SAFE_INDEX
         self._where: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
                 raise MappingError(f"{index}: not a valid safetensors index ({exc})") from None
             for name, shard in weight_map.items():
                 path = self.directory / shard
                 if not path.is_file():
-                    raise FileNotFoundError(f"{path}: shard listed in {SAFE_INDEX} is missing")
+                    raise InputFileNotFoundError(f"{path}: shard listed in {SAFE_INDEX} is missing")
                 self._where[name] = path
-        elif (self.directory / SAFE_SINGLE).is_file():
-            from safetensors import safe_open
-
-            path = self.directory / SAFE_SINGLE
-            with safe_open(str(path), framework="pt") as f:
-                self._where = {name: path for name in f.keys()}
+            for path in sorted(set(self._where.values())):
+                stored = set(self._open(path).keys())
+                missing = sorted(name for name, where in self._where.items() if where == path and name not in stored)
+                if missing:
+                    raise MappingError(f"{path}: has no tensor {missing[0]} (listed for it in {SAFE_INDEX})")
         else:
-            files = sorted(p.name for p in self.directory.glob("*.safetensors"))
-            if len(files) == 1:
-                from safetensors import safe_open
+            path = self.directory / SAFE_SINGLE
+            if not path.is_file():
+                files = sorted(self.directory.glob("*.safetensors"))
+                if len(files) != 1:
+                    raise InputFileNotFoundError(
+                        f"{self.directory}: no {SAFE_SINGLE} or {SAFE_INDEX} (only safetensors checkpoints are read)")
+                path = files[0]
+            self._where = {name: path for name in self._open(path).keys()}
 
-                path = self.directory / files[0]
-                with safe_open(str(path), framework="pt") as f:
-                    self._where = {name: path for name in f.keys()}
-            else:
-                raise FileNotFoundError(
-                    f"{self.directory}: no {SAFE_SINGLE} or {SAFE_INDEX} (only safetensors checkpoints are read)")
-        self._handles: dict[Path, object] = {}
+    def _open(self, path: Path):
+        """The open ``safe_open`` handle of one file (its header is read and checked here).
+
+        Raises:
+            MappingError: the file is empty, truncated or not a safetensors file.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            except SafetensorError as exc:
+                size = path.stat().st_size
+                raise MappingError(f"{path}: not a readable safetensors file ({size} bytes; {exc}): it is empty, "
+                                   "truncated or corrupt") from None
+        return self._handles[path]
 
     def _file_label(self, name: str) -> str:
         return str(self._where[name]) if name in self._where else str(self.directory)
@@ -117,16 +137,9 @@ class HFCheckpointReader:
         """All tensor names."""
         return set(self._where)
 
-    def _handle(self, path: Path):
-        from safetensors import safe_open
-
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path]
-
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of a tensor without reading it."""
-        return tuple(self._handle(self._where[name]).get_slice(name).get_shape())
+        return tuple(self._open(self._where[name]).get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor.
@@ -136,7 +149,7 @@ class HFCheckpointReader:
         """
         if name not in self._where:
             raise MappingError(f"{self.directory}: checkpoint has no tensor {name!r}")
-        return self._handle(self._where[name]).get_tensor(name)
+        return self._open(self._where[name]).get_tensor(name)
 
 
 def save_hf_safetensors(tensors: Mapping[str, torch.Tensor], directory: str | Path,
@@ -267,7 +280,7 @@ def build_rules(arch: ArchSpec, model_kind: str, padded_vocab_size: int, *,
         The rules, in model order.
     """
     h, v = arch.hidden_size, arch.vocab_size
-    d, heads, groups = arch.kv_channels, arch.num_attention_heads, arch.num_query_groups
+    d, heads = arch.kv_channels, arch.num_attention_heads
     rules = [_vocab("model.embed_tokens.weight", "embedding.word_embeddings.weight", v, h, padded_vocab_size)]
     pattern = arch.moe_layer_pattern or (0,) * arch.num_layers
     for i in range(arch.num_layers):

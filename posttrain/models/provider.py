@@ -46,9 +46,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from megatron.core.utils import unwrap_model  # strips DDP and Float16Module wrappers (re-exported)
+from megatron.core.utils import (
+    unwrap_model,  # strips DDP and Float16Module wrappers (re-exported)
+)
 
-from posttrain.errors import InputError
+from posttrain.errors import InputError, InputFileNotFoundError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mixtral", "qwen2_moe")
 """HF ``model_type`` values this module can build."""
@@ -61,6 +63,10 @@ _MOE_TYPES = ("mixtral", "qwen2_moe")
 
 class ParallelLayoutError(InputError, ValueError):
     """TP / PP / EP cannot split the model (message names the flag and the HF field that do not divide)."""
+
+
+class ModelConfigError(InputError, ValueError):
+    """A Hugging Face ``config.json`` that cannot be read or is invalid (message names the file)."""
 
 
 class UnsupportedModelError(InputError, ValueError):
@@ -89,13 +95,13 @@ def load_hf_config(path: str | Path) -> dict:
     config_path = path / "config.json" if path.is_dir() else path
     if not config_path.is_file():
         where = f"{path}: no config.json in this directory" if path.is_dir() else f"{config_path}: file not found"
-        raise FileNotFoundError(where)
+        raise InputFileNotFoundError(where)
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config_path}: not a valid JSON file ({exc})") from None
+        raise ModelConfigError(f"{config_path}: not a valid JSON file ({exc})") from None
     if not isinstance(config, dict) or "model_type" not in config:
-        raise ValueError(f"{config_path}: no 'model_type' field, not a Hugging Face model config")
+        raise ModelConfigError(f"{config_path}: no 'model_type' field, not a Hugging Face model config")
     return config
 
 
@@ -111,7 +117,7 @@ def _normalized(hf_config: dict) -> dict:
     try:
         return CONFIG_MAPPING[model_type](**fields).to_dict()
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"invalid {model_type} config: {exc}") from None
+        raise ModelConfigError(f"invalid {model_type} config: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -52,18 +52,53 @@ from typing import Optional
 import torch
 
 from posttrain import parallel
-from posttrain.arguments import (ArgumentError, CheckpointArgs, LoggingArgs, ModelArgs, OptimizerArgs, ParallelArgs,
-                                 add_dataclass_args, arg, check_range, dataclass_from_args)
+from posttrain.arguments import (
+    ArgumentError,
+    CheckpointArgs,
+    LoggingArgs,
+    ModelArgs,
+    OptimizerArgs,
+    ParallelArgs,
+    add_dataclass_args,
+    arg,
+    check_range,
+    dataclass_from_args,
+)
 from posttrain.data.prompt_dataset import PromptSampler
 from posttrain.distributed import initialize_distributed
 from posttrain.errors import TrainingDivergedError
-from posttrain.models.checkpoint import CheckpointError, check_tokenizer_dir, read_checkpoint_meta
-from posttrain.models.provider import build_attention_mask, position_ids_from_attention_mask
-from posttrain.models.value_model import SCORE_POOLINGS, checkpoint_score_pooling, pool_scores
-from posttrain.rm.data import TRUNCATION_MODES, RewardDataError, RewardPairs, collate_pairs
+from posttrain.models.checkpoint import (
+    CheckpointError,
+    check_tokenizer_dir,
+    read_checkpoint_meta,
+)
+from posttrain.models.provider import (
+    build_attention_mask,
+    position_ids_from_attention_mask,
+)
+from posttrain.models.value_model import (
+    SCORE_POOLINGS,
+    checkpoint_score_pooling,
+    pool_scores,
+)
+from posttrain.rm.data import (
+    TRUNCATION_MODES,
+    RewardDataError,
+    RewardPairs,
+    collate_pairs,
+)
 from posttrain.rm.loss import STAT_FIELDS, finalize_pair_stats, pairwise_loss
-from posttrain.training import (MetricsLogger, TrainingCheckpoint, build_model_slot, forward_backward, is_rank0,
-                                optimizer_step, print_rank0, run_stage, zero_grad)
+from posttrain.training import (
+    MetricsLogger,
+    TrainingCheckpoint,
+    build_model_slot,
+    forward_backward,
+    is_rank0,
+    optimizer_step,
+    print_rank0,
+    run_stage,
+    zero_grad,
+)
 
 MODEL_DIR = "model"
 """The reward model's slot name: ``<save>/iter_XXXXXXX/model`` is the reward checkpoint."""

@@ -8,8 +8,18 @@
 
 A stage brings its flags (dataclasses), its data and its loss; see :mod:`posttrain.rm.trainer` for the smallest.
 """
-from posttrain.training.checkpoint import TrainingCheckpoint, iteration_dir, read_latest_iteration
-from posttrain.training.engine import build_optimizer, forward_backward, optimizer_step, wrap_ddp, zero_grad
+from posttrain.training.checkpoint import (
+           TrainingCheckpoint,
+           iteration_dir,
+           read_latest_iteration,
+)
+from posttrain.training.engine import (
+           build_optimizer,
+           forward_backward,
+           optimizer_step,
+           wrap_ddp,
+           zero_grad,
+)
 from posttrain.training.entry import is_rank0, print_rank0, run_stage
 from posttrain.training.metrics import MetricAccumulator, MetricsLogger, Timer
 from posttrain.training.slots import ModelSlot, build_model_slot

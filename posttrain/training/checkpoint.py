@@ -33,8 +33,16 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing, tensor_parallel
 
-from posttrain.atomic import AtomicDirectory, remove_stale_temporaries, write_text_atomic
-from posttrain.models.checkpoint import CheckpointError, load_model_checkpoint, save_model_checkpoint
+from posttrain.atomic import (
+    AtomicDirectory,
+    remove_stale_temporaries,
+    write_text_atomic,
+)
+from posttrain.models.checkpoint import (
+    CheckpointError,
+    load_model_checkpoint,
+    save_model_checkpoint,
+)
 from posttrain.training.slots import ModelSlot
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"

@@ -15,7 +15,11 @@ from typing import Optional
 import torch
 
 from posttrain.arguments import ModelArgs, OptimizerArgs
-from posttrain.models.checkpoint import CheckpointError, load_model_checkpoint, read_checkpoint_meta
+from posttrain.models.checkpoint import (
+    CheckpointError,
+    load_model_checkpoint,
+    read_checkpoint_meta,
+)
 from posttrain.models.provider import ModelInfo, build_model, model_info, unwrap_model
 from posttrain.training.engine import build_optimizer, wrap_ddp
 

@@ -13,7 +13,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from posttrain.models.provider import build_attention_mask, position_ids_from_attention_mask
+from posttrain.models.provider import (
+    build_attention_mask,
+    position_ids_from_attention_mask,
+)
 
 
 def pad_to_width(t: torch.Tensor, width: int, value, side: str) -> torch.Tensor:

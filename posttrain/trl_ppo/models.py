@@ -22,8 +22,8 @@ from posttrain.arguments import ArgumentError, ModelArgs, OptimizerArgs
 from posttrain.errors import InputError
 from posttrain.models.checkpoint import read_checkpoint_meta
 from posttrain.models.value_model import checkpoint_score_pooling
-from posttrain.trl_ppo.config import PPOArgs
 from posttrain.training.slots import ModelSlot, build_model_slot
+from posttrain.trl_ppo.config import PPOArgs
 
 
 class RewardFunctionError(InputError, ValueError):

@@ -20,7 +20,10 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from posttrain import parallel
-from posttrain.models.provider import build_attention_mask, position_ids_from_attention_mask
+from posttrain.models.provider import (
+    build_attention_mask,
+    position_ids_from_attention_mask,
+)
 from posttrain.training.engine import forward_backward
 
 

@@ -30,15 +30,34 @@ import torch
 from transformers import AutoTokenizer
 
 from posttrain import parallel
-from posttrain.arguments import (ArgumentError, CheckpointArgs, LoggingArgs, ModelArgs, OptimizerArgs, ParallelArgs,
-                                 add_dataclass_args, dataclass_from_args)
+from posttrain.arguments import (
+    ArgumentError,
+    CheckpointArgs,
+    LoggingArgs,
+    ModelArgs,
+    OptimizerArgs,
+    ParallelArgs,
+    add_dataclass_args,
+    dataclass_from_args,
+)
 from posttrain.data.prompt_dataset import PromptDataset, PromptSampler, pad_sequences
 from posttrain.distributed import initialize_distributed
 from posttrain.errors import TrainingDivergedError
 from posttrain.models.checkpoint import load_model_checkpoint, save_model_checkpoint
 from posttrain.models.value_model import pool_scores
-from posttrain.training import (MetricAccumulator, MetricsLogger, ModelSlot, Timer, TrainingCheckpoint,
-                                forward_backward, is_rank0, optimizer_step, print_rank0, run_stage, zero_grad)
+from posttrain.training import (
+    MetricAccumulator,
+    MetricsLogger,
+    ModelSlot,
+    Timer,
+    TrainingCheckpoint,
+    forward_backward,
+    is_rank0,
+    optimizer_step,
+    print_rank0,
+    run_stage,
+    zero_grad,
+)
 from posttrain.trl_ppo import core_algos
 from posttrain.trl_ppo.config import PPOArgs
 from posttrain.trl_ppo.experience import GlobalCounts, PtxMicroBatch, RolloutBatch

@@ -9,6 +9,7 @@ from __future__ import annotations
 import filecmp
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -372,6 +373,7 @@ def test_bad_options(capsys, tmp_path, shared_data, example_model_dir):
     data = shared_data / "alpaca_en_800.parquet"
     out = tmp_path / "out"
     out.mkdir()
+    (tmp_path / "a_file").write_text("not a directory")
     base = ["--input", data, "--output-prefix", out / "ds"]
     model = ["--tokenizer-name-or-path", example_model_dir]
     cases = [
@@ -380,15 +382,76 @@ def test_bad_options(capsys, tmp_path, shared_data, example_model_dir):
         (base + model + ["--prompt-type", "nope"], ["'nope'", "qwen", "llama3", "empty", "hf"]),
         (base + ["--tokenizer-name-or-path", tmp_path / "no-such-model"], ["no-such-model", "no such file"]),
         (base + ["--tokenizer-name-or-path", out], ["cannot load a tokenizer"]),
-        (["--input", data, "--output-prefix", tmp_path / "missing" / "ds"] + model, ["does not exist"]),
+        (["--input", data, "--output-prefix", tmp_path / "a_file" / "ds"] + model,
+         ["--output-prefix", "a_file is not a directory"]),
         (base + model + ["--map-keys", "{not json"], ["--map-keys"]),
         (base + model + ["--map-keys", '{"answer": "output"}'], ["'answer'", "prompt, query, system"]),
-        (base + model + ["--workers", "0"], ["--workers"]),
+        (base + model + ["--workers", "0"], ["--workers must be at least 1, got 0"]),
+        (base + model + ["--chunk-size", "-5"], ["--chunk-size must be at least 1, got -5"]),
+        (base + model + ["--max-samples", "0"], ["--max-samples must be at least 1, got 0"]),
+        (base + model + ["--map-keys", "[1, 2]"], ["--map-keys must be a JSON object"]),
+        (base + model + ["--tokenizer-type", "Tiktoken"], ["--tokenizer-type 'Tiktoken' is unknown",
+                                                           "PretrainedFromHF, SentencePieceTokenizer"]),
+        (base, ["--tokenizer-type PretrainedFromHF needs --tokenizer-name-or-path"]),
+        (base + ["--tokenizer-type", "SentencePieceTokenizer"], ["needs --tokenizer-model"]),
         (base + model + ["--seq-length", "3"], ["no document written", "too_long=800"]),
     ]
     for args, needles in cases:
         code, err = run(capsys, *args)
         assert_failed_cleanly(code, err, out / "ds", *needles)
+
+
+def test_option_checks_live_in_the_config(tmp_path, example_model_dir):
+    """The same checks guard :class:`PreprocessConfig` built in Python; ``--map-keys`` text is parsed there."""
+    from posttrain.data.errors import DataError
+    from posttrain.data.preprocess import PreprocessConfig
+
+    common = dict(input="x.parquet", output_prefix=str(tmp_path / "ds"), tokenizer_name_or_path=str(example_model_dir))
+    assert PreprocessConfig(**common, map_keys='{"prompt": "question"}').map_keys == {"prompt": "question"}
+    assert PreprocessConfig(**common, map_keys="").map_keys is None
+    for bad, message in [(dict(log_interval=0), "--log-interval must be at least 1"),
+                         (dict(seq_length=-1), "--seq-length must be at least 1"),
+                         (dict(prompt_type="vicuna"), "--prompt-type 'vicuna' is unknown"),
+                         (dict(handler_name="Nope"), "--handler-name 'Nope' is unknown"),
+                         (dict(map_keys="{oops"), "--map-keys is not valid JSON"),
+                         (dict(map_keys={"answer": "output"}), "'answer'")]:
+        with pytest.raises(DataError, match=re.escape(message)):
+            PreprocessConfig(**common, **bad)
+
+
+def test_output_prefix_directories_are_created(capsys, tmp_path, shared_data, example_model_dir, tok, alpaca_rows):
+    """``--output-prefix a/b/prefix`` creates ``a/b``; a failed run removes the directories it created."""
+    data = shared_data / "alpaca_en_800.parquet"
+    prefix = tmp_path / "a" / "b" / "alpaca"
+    preprocess(capsys, example_model_dir, data, prefix, "empty", 1, "--max-samples", 20)
+    assert_docs_equal(prefix, expected_ids(tok, "empty", [alpaca_prompt(r) for r in alpaca_rows[:20]]))
+
+    never = tmp_path / "c" / "d" / "ds"
+    code, err = run(capsys, "--input", data, "--tokenizer-name-or-path", example_model_dir, "--output-prefix", never,
+                    "--seq-length", 3, "--max-samples", 20)
+    assert_failed_cleanly(code, err, never, "no document written")
+    assert not (tmp_path / "c").exists()
+
+
+def test_flags_and_help_come_from_the_config():
+    """One flag per :class:`PreprocessConfig` option (``progress_bar`` is Python-only), the MindSpeed-LLM names,
+    and every value default shown by ``--help``."""
+    import argparse
+    import dataclasses
+
+    from posttrain.data.preprocess import PreprocessConfig, build_parser
+
+    actions = {a.dest: a for a in build_parser()._actions if not isinstance(a, argparse._HelpAction)}
+    assert set(actions) == {f.name for f in dataclasses.fields(PreprocessConfig)} - {"progress_bar"}
+    assert actions["output_prefix"].option_strings == ["--output-prefix"] and actions["output_prefix"].required
+    assert actions["handler_name"].default == "PPOAlpacaStyleInstructionHandler"
+    for action in actions.values():
+        if action.required:
+            continue
+        if action.default is None:
+            assert "default" in action.help or "needed by" in action.help, action.dest
+        else:
+            assert f"(default: {action.default})" in action.help, action.dest
 
 
 def test_failed_run_keeps_previous_dataset(capsys, tmp_path, shared_data, example_model_dir, tok, alpaca_rows):

@@ -8,10 +8,8 @@ import math
 import os
 import subprocess
 
-import pytest
-
-from tests.trl_ppo.test_trainer import REQUIRED_METRICS
 from tests.torchrun_utils import REPO
+from tests.trl_ppo.test_trainer import REQUIRED_METRICS
 
 
 def test_smollm2_ppo_example_runs_two_iterations_at_dp2(tmp_path, example_model_dir, shared_data):

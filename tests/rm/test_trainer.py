@@ -18,7 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from posttrain.rm.loss import finalize_pair_stats, pair_stats, pairwise_loss, pairwise_ranking_loss
+from posttrain.rm.loss import (
+    finalize_pair_stats,
+    pair_stats,
+    pairwise_loss,
+    pairwise_ranking_loss,
+)
 from tests.torchrun_utils import REPO
 
 TINY_CONFIG = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
