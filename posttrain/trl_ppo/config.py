@@ -18,10 +18,13 @@ from posttrain.arguments import ArgumentError, arg, check_range
 from posttrain.trl_ppo import core_algos
 
 # the choices are the registries' keys: a formula registered in core_algos is a flag value at once
-KL_ESTIMATORS = list(core_algos.KL_ESTIMATOR_REGISTRY)
-ADV_ESTIMATORS = list(core_algos.ADV_ESTIMATOR_REGISTRY)
-POLICY_LOSSES = list(core_algos.POLICY_LOSS_REGISTRY)
+KL_ESTIMATORS = list(core_algos.kl_estimator_names())
+ADV_ESTIMATORS = list(core_algos.adv_estimator_names())
+POLICY_LOSSES = list(core_algos.policy_loss_names())
 LOSS_AGG_MODES = list(core_algos.LOSS_AGG_MODES)
+ROLLOUT_CORRECTIONS = list(core_algos.ROLLOUT_CORRECTION_MODES)
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+SEQUENCE_POLICY_LOSSES = ("gspo", "gspo_token")
 
 
 @dataclass(kw_only=True)
@@ -95,9 +98,24 @@ class PPOArgs:
     clip_ratio_high: Optional[float] = arg(None, "upper clip epsilon (default --clip-ratio)")
     clip_ratio_c: Optional[float] = arg(None, "dual-clip bound for negative advantages (e.g. 3.0; off by default)")
     cliprange_value: float = arg(0.2, "value clip range")
-    loss_agg_mode: str = arg("token-mean", "how token losses are averaged", choices=LOSS_AGG_MODES)
+    loss_agg_mode: Optional[str] = arg(None, "how token losses are averaged (default: token-mean; seq-mean-token-mean "
+                                             "with --policy-loss gspo/gspo_token; seq-mean-token-sum-norm divides "
+                                             "by --max-new-tokens, Dr. GRPO)", choices=LOSS_AGG_MODES)
     entropy_coef: float = arg(0.0, "entropy bonus coefficient")
     ptx_coef: float = arg(0.0, "pretraining (ptx) loss coefficient, with --pretrain-data-path")
+    dynamic_sampling: bool = arg(False, "DAPO dynamic sampling: drop prompt groups whose scores are all equal and "
+                                        "draw more prompts until the batch is full (group estimators)")
+    dynamic_sampling_max_rounds: int = arg(4, "with --dynamic-sampling: rollout rounds per iteration at most; "
+                                              "a batch still short after them is filled with uninformative groups")
+    overlong_buffer_len: int = arg(0, "DAPO overlong reward shaping: penalise responses longer than "
+                                      "--max-new-tokens minus this many tokens, linearly (0: off)")
+    overlong_penalty_factor: float = arg(1.0, "the penalty at --max-new-tokens tokens, with --overlong-buffer-len")
+    overlong_filter: bool = arg(False, "DAPO overlong filtering: responses cut by --max-new-tokens (no stop "
+                                       "token) are left out of the losses")
+    rollout_correction: str = arg("none", "importance weights for the sampler/trainer log-prob mismatch: tis "
+                                          "(truncated at --tis-cap) or mis (masked above --tis-cap)",
+                                  choices=ROLLOUT_CORRECTIONS)
+    tis_cap: float = arg(2.0, "cap of --rollout-correction tis/mis weights")
     moe_aux_loss_coeff: Optional[float] = arg(None, "MoE router load-balancing loss coefficient (MoE actors)")
     enable_ema: bool = arg(False, "keep an exponential moving average of the actor's weights (saved beside it)")
     ema_decay: float = arg(0.992, "EMA decay per optimiser step")
@@ -119,7 +137,16 @@ class PPOArgs:
             raise ArgumentError("give --reward-model, --reward-function, or both")
         if self.ptx_coef > 0 and not self.pretrain_data_path:
             raise ArgumentError("--ptx-coef needs --pretrain-data-path")
-        if self.adv_estimator in ("grpo", "rloo") and self.n_samples_per_prompt < 2:
+        if self.loss_agg_mode is None:
+            self.loss_agg_mode = "seq-mean-token-mean" if self.policy_loss in SEQUENCE_POLICY_LOSSES else "token-mean"
+        if self.dynamic_sampling and self.adv_estimator not in GROUP_ESTIMATORS:
+            raise ArgumentError(f"--dynamic-sampling needs a group estimator (--adv-estimator "
+                                f"{'/'.join(GROUP_ESTIMATORS)}), not {self.adv_estimator}")
+        check_range("--dynamic-sampling-max-rounds", self.dynamic_sampling_max_rounds, ge=1)
+        check_range("--overlong-buffer-len", self.overlong_buffer_len, ge=0, lt=self.max_new_tokens)
+        check_range("--overlong-penalty-factor", self.overlong_penalty_factor, ge=0.0)
+        check_range("--tis-cap", self.tis_cap, gt=0.0)
+        if self.adv_estimator in GROUP_ESTIMATORS and self.n_samples_per_prompt < 2:
             raise ArgumentError(f"--adv-estimator {self.adv_estimator} needs --n-samples-per-prompt >= 2")
         # coefficients, checked where the flags are parsed (before anything is built or written)
         check_range("--temperature", self.temperature, gt=0.0)

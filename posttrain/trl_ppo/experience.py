@@ -41,6 +41,7 @@ class RolloutBatch:
         scores: ``[batch]`` fp32 sequence scores. rewards, advantages, returns: ``[batch, response_len]`` fp32.
         loss_mask: ``[batch, response_len]`` the tokens the losses see (the response mask unless overlong
             filtering removed truncated responses).
+        token_weights: ``[batch, response_len]`` importance weights of the rollout correction (None: off).
     """
 
     prompt_ids: torch.Tensor
@@ -58,6 +59,7 @@ class RolloutBatch:
     advantages: Optional[torch.Tensor] = None
     returns: Optional[torch.Tensor] = None
     loss_mask: Optional[torch.Tensor] = None
+    token_weights: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -109,8 +111,8 @@ class RolloutBatch:
     def concat(pieces: Sequence["RolloutBatch"], pad_token_id: int) -> "RolloutBatch":
         """One batch from pieces generated separately (prompts re-padded on the left, responses on the right).
 
-        Only the rollout fields (prompts, responses, masks, ``has_eos``, ``group_index``, sampler log-probs) are
-        joined; experience fields must still be empty.
+        Only the rollout fields (prompts, responses, masks, ``has_eos``, ``group_index``, sampler log-probs) and
+        the scores (when every piece has them) are joined; other experience fields must still be empty.
         """
         prompt_len = max(p.prompt_len for p in pieces)
         response_len = max(p.response_len for p in pieces)
@@ -123,6 +125,7 @@ class RolloutBatch:
                                          for p in pieces]),
             has_eos=torch.cat([p.has_eos for p in pieces]),
             group_index=torch.cat([p.group_index for p in pieces]),
+            scores=(torch.cat([p.scores for p in pieces]) if all(p.scores is not None for p in pieces) else None),
         )
 
 

@@ -261,6 +261,40 @@ class PPOTrainer:
                                        group_index=groups[start:start + chunk].to(self.device)))
         return RolloutBatch.concat(pieces, self.pad_id)
 
+    def dynamic_sampling_phase(self, iteration: int) -> tuple[RolloutBatch, MetricAccumulator]:
+        """DAPO's dynamic sampling: draw, score and keep only informative prompt groups (scores not all equal),
+        drawing further prompt batches until this rank's batch is full or ``--dynamic-sampling-max-rounds`` is
+        reached; a batch still short is filled with uninformative groups. All DP ranks draw the same number of
+        rounds (the prompt sampler stays in step). Returns the scored batch and the draw counts."""
+        n = self.args.n_samples_per_prompt
+        target = self.sampler.local_batch_size * n  # rows
+        kept: list[RolloutBatch] = []
+        spare: list[RolloutBatch] = []
+        kept_rows = drawn_rows = rounds = 0
+        while True:
+            prompts, groups = self._prompts_for_iteration(iteration)
+            groups = groups + rounds * len(self.dataset)  # a prompt drawn again in a later round is a new group
+            batch = self.generate_phase(prompts, groups, iteration, salt=rounds)
+            batch.scores = self.score(batch, where=f"at iteration {iteration + 1}")
+            keep = core_algos.informative_groups(batch.scores, batch.group_index)
+            kept.append(batch.select(keep))
+            spare.append(batch.select(~keep))
+            kept_rows += int(keep.sum())
+            drawn_rows += batch.batch_size
+            rounds += 1
+            shortfall = torch.tensor([max(target - kept_rows, 0)], dtype=torch.float64, device=self.device)
+            parallel.dp_all_reduce(shortfall, op=torch.distributed.ReduceOp.MAX)
+            if shortfall.item() == 0 or rounds >= self.args.dynamic_sampling_max_rounds:
+                break
+        pieces = [p for p in kept + spare if p.batch_size]
+        batch = RolloutBatch.concat(pieces, self.pad_id).select(slice(0, target))
+        acc = MetricAccumulator()
+        acc.max("dynamic_sampling/rounds", rounds)
+        acc.total("dynamic_sampling/drawn_groups", drawn_rows / n)
+        acc.total("dynamic_sampling/kept_groups", min(kept_rows, target) / n)
+        acc.total("dynamic_sampling/filled_groups", max(target - kept_rows, 0) / n)
+        return batch, acc
+
     # ------------------------------------------------------------------ phase 2: experience
     def decode(self, batch: RolloutBatch) -> tuple[list[str], list[str]]:
         """Prompt and response texts of a batch (special tokens of the response dropped)."""
@@ -290,18 +324,33 @@ class PPOTrainer:
         batch.old_log_probs = self._forward_only(self.actor, batch, self._log_probs, r)
         batch.ref_log_probs = self._forward_only(self.reference, batch, self._log_probs, r)
         batch.values = self._forward_only(self.critic, batch, self._values, r) * batch.response_mask
-        batch.scores = self.score(batch, where=f"at iteration {iteration + 1}")
-        batch.loss_mask = batch.response_mask
+        if batch.scores is None:  # dynamic sampling scores while it draws
+            batch.scores = self.score(batch, where=f"at iteration {iteration + 1}")
+        args = self.args
+        scores = batch.scores
+        lengths = batch.response_mask.sum(-1)
+        if args.overlong_buffer_len:
+            scores = scores + core_algos.overlong_penalty(lengths, args.max_new_tokens, args.overlong_buffer_len,
+                                                          args.overlong_penalty_factor)
+        batch.loss_mask = (core_algos.overlong_filter_mask(batch.response_mask, batch.has_eos)
+                           if args.overlong_filter else batch.response_mask)
+        mismatch = core_algos.rollout_mismatch_metrics(batch.old_log_probs, batch.sampler_log_probs,
+                                                       batch.response_mask)
+        if args.rollout_correction != "none":
+            batch.token_weights, correction = core_algos.rollout_correction_weights(
+                batch.old_log_probs, batch.sampler_log_probs, batch.response_mask, args.rollout_correction,
+                args.tis_cap)
+            mismatch.update(correction)
         reduce_fn = parallel.dp_reduce_fn()
-        kl_coef = 0.0 if self.args.use_kl_loss else self.kl_ctl.value
+        kl_coef = 0.0 if args.use_kl_loss else self.kl_ctl.value
         batch.rewards, _ = core_algos.compute_rewards(
-            batch.scores, batch.old_log_probs, batch.ref_log_probs, batch.response_mask, kl_coef,
+            scores, batch.old_log_probs, batch.ref_log_probs, batch.response_mask, kl_coef,
             kl_estimator=self.args.kl_estimator, kl_clamp=self.args.kl_clamp, has_eos=batch.has_eos,
             missing_eos_penalty=self.args.missing_eos_penalty, score_normalizer=self.score_normalizer,
             score_clip=self.args.reward_clip, reduce_fn=reduce_fn)
         batch.advantages, batch.returns = core_algos.compute_advantages(
             self.args.adv_estimator, response_mask=batch.response_mask, rewards=batch.rewards, values=batch.values,
-            scores=batch.scores, group_index=batch.group_index, gamma=self.args.gamma, lam=self.args.lam,
+            scores=scores, group_index=batch.group_index, gamma=self.args.gamma, lam=self.args.lam,
             reduce_fn=reduce_fn)
 
         mask = batch.response_mask.float()
@@ -320,6 +369,16 @@ class PPOTrainer:
         positions = torch.arange(1, r + 1, dtype=torch.float64, device=self.device)
         acc.total("rollout/token_checksum", (batch.responses.double() * batch.response_mask * positions).sum())
         acc.max("rollout/logprob_gap_max", logprob_gap.max() if logprob_gap.numel() else 0.0)
+        tokens = float(mask.sum())
+        for name, value in mismatch.items():
+            if name.endswith("_max"):
+                acc.max(f"rollout/{name}", value)
+            else:
+                acc.mean(f"rollout/{name}", value, tokens)
+        if args.overlong_buffer_len:
+            acc.sum_mean("overlong_penalty_mean", (scores - batch.scores).sum(), n)
+        if args.overlong_filter:
+            acc.sum_mean("overlong_filtered_frac", (~batch.has_eos).float().sum(), n)
         return acc
 
     # ------------------------------------------------------------------ phase 3: train
@@ -341,11 +400,12 @@ class PPOTrainer:
         logits = self._response_logits(output, mb)
         entropy = parallel.vocab_parallel_entropy(logits)  # before the log-probs: their kernel works in place
         log_probs = parallel.vocab_parallel_log_probs(logits, mb.responses)
-        agg = dict(loss_agg_mode=args.loss_agg_mode, global_token_count=counts.tokens, global_seq_count=counts.seqs)
+        agg = dict(loss_agg_mode=args.loss_agg_mode, global_token_count=counts.tokens, global_seq_count=counts.seqs,
+                   norm_length=args.max_new_tokens)
         loss, metrics = core_algos.compute_policy_loss(
             args.policy_loss, log_probs, mb.old_log_probs, mb.advantages, mb.loss_mask, clip_ratio=args.clip_ratio,
             clip_ratio_low=args.clip_ratio_low, clip_ratio_high=args.clip_ratio_high, clip_ratio_c=args.clip_ratio_c,
-            **agg)
+            token_weights=mb.token_weights, **agg)
         entropy_loss, entropy_metrics = core_algos.compute_entropy_loss(entropy, mb.loss_mask, args.entropy_coef,
                                                                         **agg)
         metrics.update(entropy_metrics)
@@ -371,7 +431,8 @@ class PPOTrainer:
         values = self._values(output, mb)
         loss, metrics = core_algos.compute_value_loss(
             values, mb.values, mb.returns, mb.loss_mask, cliprange_value=self.args.cliprange_value,
-            loss_agg_mode=self.args.loss_agg_mode, global_token_count=counts.tokens, global_seq_count=counts.seqs)
+            loss_agg_mode=self.args.loss_agg_mode, global_token_count=counts.tokens, global_seq_count=counts.seqs,
+            norm_length=self.args.max_new_tokens)
         metrics["value_mean"] = core_algos.masked_mean(values.detach(), mb.loss_mask)
         return loss, metrics, float(mb.loss_mask.sum())
 
@@ -443,21 +504,30 @@ class PPOTrainer:
         """Run iteration ``self.iteration + 1``; returns its metrics (floats, global over DP ranks)."""
         iteration = self.iteration
         start = time.perf_counter()
+        sampling_acc = None
         with self.timer("generate"):
-            prompts, groups = self._prompts_for_iteration(iteration)
-            batch = self.generate_phase(prompts, groups, iteration)
+            if self.args.dynamic_sampling:
+                batch, sampling_acc = self.dynamic_sampling_phase(iteration)
+            else:
+                prompts, groups = self._prompts_for_iteration(iteration)
+                batch = self.generate_phase(prompts, groups, iteration)
         with self.timer("experience"):
             rollout_acc = self.experience_phase(batch, iteration)
         with self.timer("train"):
             actor_acc, critic_acc = self.train_phase(batch, iteration)
         metrics = self._summarise(rollout_acc, actor_acc, critic_acc)
+        if sampling_acc is not None:
+            metrics.update(sampling_acc.reduce(parallel.dp_all_reduce,
+                                               partial(parallel.dp_all_reduce, op=torch.distributed.ReduceOp.MAX)))
         self.kl_ctl.update(metrics["kl"], n_steps=self.args.global_batch_size * self.args.n_samples_per_prompt)
         times = self.timer.pop()
         metrics.update({f"time/{k}": v for k, v in times.items()})
         metrics["time/iteration"] = time.perf_counter() - start
         metrics["perf/generated_tokens_per_s"] = metrics["response_length"] * metrics["num_sequences"] / max(
             times.get("generate", 1e-9), 1e-9)
-        bad = [k for k in ("pg_loss", "vf_loss", "kl", "score_mean") if not math.isfinite(metrics[k])]
+        # (a non-finite loss shows as a non-finite gradient norm in _train_step; a loss metric can be nan legitimately
+        # when --overlong-filter leaves no token in the loss)
+        bad = [k for k in ("kl", "score_mean") if not math.isfinite(metrics[k])]
         if bad:
             raise TrainingDivergedError(f"iteration {iteration + 1}: {', '.join(bad)} is not finite")
         self.iteration += 1
