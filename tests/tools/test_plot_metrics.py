@@ -36,14 +36,16 @@ PPO_TRAIN_KEYS = {"Score": ["score_mean"], "Reward": ["reward_mean"], "KL to ref
 
 @pytest.fixture(scope="module")
 def ppo_run(assets, tmp_path_factory):  # noqa: F811
-    """``--save`` directory of a 3-iteration PPO run validated every iteration, and its records."""
+    """``--save`` directory of a 3-iteration PPO run validated before the first update and after every iteration,
+    its training records and its iteration-0 validation record."""
     out = tmp_path_factory.mktemp("plot_ppo_run")
     extra = ["--do-sample", "--eval-data-path", str(assets / "alpaca"), "--eval-samples", "4", "--eval-interval", "1"]
     proc, records = ppo(assets, out, extra=extra, iters=3)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert [r["iteration"] for r in records] == [1, 2, 3]
-    assert all("eval/score_mean" in r for r in records)
-    return out, records
+    assert [r["iteration"] for r in records] == [0, 1, 2, 3]
+    assert all("eval/score_mean" in r and "eval/score_stderr" in r for r in records)
+    assert all(not k.startswith(("time/", "pg_", "vf_")) for k in records[0])  # validation only
+    return out, records[1:], records[0]
 
 
 def png_size(path):
@@ -62,7 +64,7 @@ def write_jsonl(path, records):
 
 
 def test_command_plots_a_ppo_run(ppo_run, tmp_path):
-    out, _ = ppo_run
+    out, _, _ = ppo_run
     png = tmp_path / "curves.png"
     proc = _run([sys.executable, str(TOOL), str(out), "--output", str(png), "--title", "tiny PPO"])
     assert proc.returncode == 0, proc.stderr
@@ -74,7 +76,7 @@ def test_command_plots_a_ppo_run(ppo_run, tmp_path):
 
 
 def test_panels_hold_the_run_metrics(ppo_run, tmp_path):
-    out, records = ppo_run
+    out, records, start = ppo_run
     result = plot_metrics([out], tmp_path / "curves.png")
     assert result.stage == "ppo"
     assert result.panels == PPO_TITLES
@@ -88,18 +90,19 @@ def test_panels_hold_the_run_metrics(ppo_run, tmp_path):
             line = lines[f"train:{label}:{key}"]
             assert list(line.get_xdata()) == [1, 2, 3]
             assert list(line.get_ydata()) == pytest.approx([r[key] for r in records]), key
-    # validation as points at the iterations it ran
+    # validation as points at the iterations it ran, iteration 0 included
     for title, key in (("Score", "eval/score_mean"), ("Response length", "eval/response_length")):
         point = lines_by_gid(axes[title], "eval:")[f"eval:{label}:{key}"]
         assert point.get_linestyle() == "None"
-        assert list(point.get_ydata()) == pytest.approx([r[key] for r in records])
+        assert list(point.get_xdata()) == [0, 1, 2, 3]
+        assert list(point.get_ydata()) == pytest.approx([r[key] for r in [start] + records])
     legend = [t.get_text() for t in axes["Score"].get_legend().get_texts()]
-    assert legend == ["score_mean", "eval/score_mean"]
+    assert legend == ["score_mean", "eval/score_mean (±1 s.e.)"]
     assert [t.get_text() for t in result.figure.legends[0].get_texts()] == [label]
 
 
 def test_two_runs_give_one_line_each_per_training_panel(ppo_run, tmp_path):
-    out, records = ppo_run
+    out, records, _ = ppo_run
     shorter = write_jsonl(tmp_path / "first_two.jsonl", records[:2])  # the same run stopped after 2 iterations
     result = plot_metrics([out / "metrics.jsonl", shorter], tmp_path / "both.png", labels=["full", "stopped"])
     axes = {ax.get_title(): ax for ax in result.figure.axes}
@@ -115,15 +118,10 @@ def test_two_runs_give_one_line_each_per_training_panel(ppo_run, tmp_path):
 
 
 def test_validation_at_iteration_0_with_standard_error_bars(ppo_run, tmp_path):
-    # the extended validation: a record before the first update holding only eval/* keys, and the standard error
-    # of the mean score with every evaluation
-    out, records = ppo_run
-    stderr = [0.05, 0.04, 0.03, 0.02]
-    start = {"iteration": 0, "eval/score_mean": records[0]["eval/score_mean"] - 0.1, "eval/score_stderr": stderr[0],
-             "eval/response_length": 12.0, "eval/eos_frac": 0.0, "eval/kl": 0.0}
-    later = [dict(r, **{"eval/score_stderr": e, "eval/kl": r["kl"]}) for r, e in zip(records, stderr[1:])]
-    path = write_jsonl(tmp_path / "metrics.jsonl", [start] + later)
-    result = plot_metrics([path], tmp_path / "curves.png", labels=["run"])
+    # the validation before the first update (a record holding only eval/* keys) and the standard error of the
+    # mean score of every evaluation, as the trainer wrote them
+    out, records, start = ppo_run
+    result = plot_metrics([out], tmp_path / "curves.png", labels=["run"])
     axes = {ax.get_title(): ax for ax in result.figure.axes}
     score = axes["Score"]
     (bars,) = score.containers
@@ -131,8 +129,9 @@ def test_validation_at_iteration_0_with_standard_error_bars(ppo_run, tmp_path):
     assert point.get_gid() == "eval:run:eval/score_mean"
     assert list(point.get_xdata()) == [0, 1, 2, 3]
     (segments,) = [c.get_segments() for c in bars.lines[2]]
-    ys = [start["eval/score_mean"]] + [r["eval/score_mean"] for r in records]
-    for (bottom, top), y, e in zip(segments, ys, stderr):
+    evaluations = [start] + records
+    for (bottom, top), r in zip(segments, evaluations):
+        y, e = r["eval/score_mean"], r["eval/score_stderr"]
         assert bottom[1] == pytest.approx(y - e) and top[1] == pytest.approx(y + e)
     # training lines start at the first update; the iteration-0 record adds no training point
     assert list(lines_by_gid(score, "train:")["train:run:score_mean"].get_xdata()) == [1, 2, 3]
@@ -142,7 +141,7 @@ def test_validation_at_iteration_0_with_standard_error_bars(ppo_run, tmp_path):
 
 
 def test_smoothing_draws_a_moving_average_beside_the_raw_points(ppo_run, tmp_path):
-    out, records = ppo_run
+    out, records, _ = ppo_run
     result = plot_metrics([out], tmp_path / "curves.png", labels=["run"], smooth=2)
     kl = {ax.get_title(): ax for ax in result.figure.axes}["KL to reference"]
     raw = [r["kl"] for r in records]
@@ -184,7 +183,7 @@ def test_reward_model_metrics_give_the_rm_panels(tmp_path):
 
 
 def test_malformed_line_is_a_one_line_error_and_no_png(ppo_run, tmp_path):
-    out, _ = ppo_run
+    out, _, _ = ppo_run
     lines = (out / "metrics.jsonl").read_text().splitlines()
     bad = tmp_path / "metrics.jsonl"
     bad.write_text("\n".join([lines[0], lines[1][: len(lines[1]) // 2], lines[2]]) + "\n")
@@ -216,7 +215,7 @@ def test_bad_jsonl_is_a_one_line_error(tmp_path, capsys, content, message):
 
 
 def test_missing_run_and_mixed_stages_are_errors(ppo_run, tmp_path, capsys):
-    out, _ = ppo_run
+    out, _, _ = ppo_run
     assert plot_metrics_module.main([str(tmp_path / "nowhere"), "--output", str(tmp_path / "a.png")]) == 1
     assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'}: no such file or directory\n"
     rm = write_jsonl(tmp_path / "rm.jsonl", [{"iteration": 1, "loss": 0.7, "accuracy": 0.5}])

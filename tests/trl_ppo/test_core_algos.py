@@ -119,7 +119,7 @@ def test_registries_hold_the_documented_names():
     assert {"k1", "kl", "k2", "mse", "k3", "low_var_kl", "abs"} <= set(ca.KL_ESTIMATOR_REGISTRY)
     assert {"gae", "grpo", "rloo", "reinforce_plus_plus"} <= set(ca.ADV_ESTIMATOR_REGISTRY)
     assert "vanilla" in ca.POLICY_LOSS_REGISTRY
-    assert ca.LOSS_AGG_MODES == ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+    assert ca.LOSS_AGG_MODES == ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -924,6 +924,7 @@ def test_explained_variance():
 # ----------------------------------------------------------------------------------------------------------
 
 AGG_LENGTHS = [7, 1, 3, 0, 6, 2, 7, 4]
+NORM_LENGTH = 9
 
 
 def agg_reference(loss_mat, mask, mode):
@@ -935,6 +936,8 @@ def agg_reference(loss_mat, mask, mode):
         return per_seq_sum.sum() / per_seq_tokens.sum()
     if mode == "seq-mean-token-mean":
         return (per_seq_sum[nonempty] / per_seq_tokens[nonempty]).mean()
+    if mode == "seq-mean-token-sum-norm":
+        return (per_seq_sum[nonempty] / NORM_LENGTH).mean()
     return per_seq_sum[nonempty].mean()
 
 
@@ -958,7 +961,8 @@ def test_agg_loss_split_into_micro_batches_gives_the_full_batch_gradient(mode, n
     pieces = list(zip(x.chunk(n_pieces), mask.chunk(n_pieces)))
     token_count, seq_count = sum(ca.loss_token_counts(m) for _, m in pieces).tolist()
     assert (token_count, seq_count) == (sum(AGG_LENGTHS), sum(1 for n in AGG_LENGTHS if n))
-    total = sum(ca.agg_loss(per_token_loss(xp, w), mp, mode, token_count, seq_count) for xp, mp in pieces)
+    total = sum(ca.agg_loss(per_token_loss(xp, w), mp, mode, token_count, seq_count, NORM_LENGTH)
+                for xp, mp in pieces)
     (grad,) = torch.autograd.grad(total, w)
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
 
@@ -979,7 +983,7 @@ def test_agg_loss_under_simulated_dp_with_gradient_averaging(mode):
     rank_grads = []
     for rank in range(dp_size):
         tokens, seqs = global_counts[rank].tolist()
-        loss = sum(ca.agg_loss(per_token_loss(xm, w), mm, mode, tokens, seqs)
+        loss = sum(ca.agg_loss(per_token_loss(xm, w), mm, mode, tokens, seqs, NORM_LENGTH)
                    for xm, mm in zip(rank_x[rank].chunk(micro), rank_m[rank].chunk(micro)))
         rank_grads.append(torch.autograd.grad(loss * dp_size, w)[0])  # scaled to undo DDP's average
     ddp_grad = sum(rank_grads) / dp_size
@@ -990,7 +994,8 @@ def test_agg_loss_under_simulated_dp_with_gradient_averaging(mode):
 def test_agg_loss_without_global_counts_is_the_batch_loss(mode):
     x, w, mask = make_loss_inputs()
     expected = agg_reference(per_token_loss(x, w), mask, mode)
-    assert ca.agg_loss(per_token_loss(x, w), mask, mode).item() == pytest.approx(expected.item(), abs=1e-6)
+    actual = ca.agg_loss(per_token_loss(x, w), mask, mode, norm_length=NORM_LENGTH)
+    assert actual.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
 def test_local_normalisation_would_depend_on_the_split():
@@ -1005,7 +1010,7 @@ def test_local_normalisation_would_depend_on_the_split():
 def test_agg_loss_all_masked_batch_is_zero_with_finite_gradient():
     w = torch.ones(3, requires_grad=True)
     for mode in ca.LOSS_AGG_MODES:
-        loss = ca.agg_loss(w.expand(2, 3) * 5, torch.zeros(2, 3), mode)
+        loss = ca.agg_loss(w.expand(2, 3) * 5, torch.zeros(2, 3), mode, norm_length=3)
         (grad,) = torch.autograd.grad(loss, w)
         assert loss.item() == 0.0 and (grad == 0).all()
 
@@ -1217,11 +1222,11 @@ def test_unknown_names_list_the_valid_choices():
     valid_kl = "abs, k1, k2, k3, kl, low_var_kl, mse"
     with pytest.raises(ValueError, match=f"unknown KL estimator 'k4'; valid choices: {valid_kl}"):
         ca.kl_penalty("k4", x, x)
-    with pytest.raises(ValueError, match="valid choices: gae, grpo, reinforce_plus_plus, rloo"):
+    with pytest.raises(ValueError, match="valid choices: dr_grpo, gae, grpo, reinforce_plus_plus, rloo"):
         ca.compute_advantages("ppo", rewards=x, values=x, response_mask=torch.ones(2, 3))
     with pytest.raises(ValueError, match="unknown policy loss 'clip'; valid choices: .*vanilla"):
         ca.compute_policy_loss("clip", x, x, x, torch.ones(2, 3))
-    with pytest.raises(ValueError, match="valid choices: seq-mean-token-mean, seq-mean-token-sum, token-mean"):
+    with pytest.raises(ValueError, match="valid choices: seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm, token-mean"):
         ca.agg_loss(x, torch.ones(2, 3), "sum")
     with pytest.raises(ValueError, match="valid choices"):
         ca.compute_kl_loss(x, x, torch.ones(2, 3), kl_estimator="full")
