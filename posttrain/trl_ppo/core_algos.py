@@ -15,8 +15,10 @@ under ``torchrun``. The module reads top to bottom in the order a PPO iteration 
 6. loss aggregation (``agg_loss``),
 7. policy losses (``vanilla``, ``gspo``, ``gspo_token``), value loss, entropy bonus, KL loss and ptx loss,
 8. rollout/training mismatch: metrics and importance weights between the sampler's and the training
-   forward's log-probabilities (``rollout_mismatch_metrics``, ``rollout_correction_weights``),
-9. log-probabilities and entropy from logits.
+   forward's log-probabilities (``rollout_mismatch_metrics``, ``rollout_correction_weights``).
+
+Log-probabilities and entropy come from the logits sharded over tensor-parallel ranks, so they are computed in
+:mod:`posttrain.parallel` (``vocab_parallel_log_probs``, ``vocab_parallel_entropy``), not here.
 
 The valid names of every choice come from here: ``kl_estimator_names()``, ``adv_estimator_names()`` and
 ``policy_loss_names()`` read the registries; ``LOSS_AGG_MODES`` and ``ROLLOUT_CORRECTION_MODES`` are tuples.
@@ -24,7 +26,7 @@ The valid names of every choice come from here: ``kl_estimator_names()``, ``adv_
 Conventions
 -----------
 * RL tensors are batch-first, ``[batch, response_len]``; position ``t`` holds the log-probability, value,
-  reward, ... of response token ``t``. Logits are ``[batch, response_len, vocab]``.
+  reward, ... of response token ``t``.
 * Masks are 1 for valid tokens and 0 for padding. Bool, integer and float masks are accepted; any other
   value than 0/1 raises ``ValueError``. A response mask is normally right-padded (a prefix of ones).
 * KL divergences and entropies are in nats (natural logarithms).
@@ -142,9 +144,6 @@ __all__ = [
     "ROLLOUT_CORRECTION_MODES",
     "rollout_mismatch_metrics",
     "rollout_correction_weights",
-    # logits
-    "logprobs_from_logits",
-    "entropy_from_logits",
 ]
 
 Tensor = torch.Tensor
@@ -1903,7 +1902,7 @@ def compute_entropy_loss(
     verl ``entropy_coeff``.
 
     Args:
-        entropy: ``[batch, response_len]`` per-token entropy in nats (:func:`entropy_from_logits`).
+        entropy: ``[batch, response_len]`` per-token entropy in nats (``posttrain.parallel.vocab_parallel_entropy``).
         response_mask: ``[batch, response_len]`` 0/1.
         entropy_coef: coefficient, >= 0.
         loss_agg_mode: see :func:`agg_loss`.
@@ -2141,93 +2140,3 @@ def rollout_correction_weights(
             "rollout_is_masked_frac": over_frac if mode == "mis" else zero,
         }
     return weights.detach(), metrics
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 9. Log-probabilities and entropy from logits
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _check_logits(logits: object) -> Tensor:
-    t = _require_tensor("logits", logits)
-    if t.dim() != 3:
-        raise ValueError(f"logits must be 3-D [batch, response_len, vocab], got shape {_shape(t)}")
-    return t
-
-
-def _chunk_size(chunk_size: Optional[int], response_len: int) -> int:
-    if chunk_size is None:
-        return max(response_len, 1)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-    return chunk_size
-
-
-def logprobs_from_logits(logits: Tensor, labels: Tensor, chunk_size: Optional[int] = None) -> Tensor:
-    """Log-probability of each label under ``softmax(logits)`` (selective log-softmax).
-
-    ``log p(y) = logits[y] - logsumexp(logits)``, computed in float32 (or float64) on chunks of tokens so the full
-    ``[batch, response_len, vocab]`` log-softmax is never materialised (and never in bf16). Logits must
-    already be divided by the sampling temperature if one was used.
-
-    Source: TRL ``selective_log_softmax`` (``trl/trainer/utils.py``).
-
-    Args:
-        logits: ``[batch, response_len, vocab]``, any float dtype.
-        labels: ``[batch, response_len]`` integer token ids.
-        chunk_size: tokens per chunk; ``None`` processes one sequence (``response_len`` tokens) at a time.
-
-    Returns:
-        ``[batch, response_len]`` float32 log-probabilities (nats), differentiable w.r.t. ``logits``.
-
-    Raises:
-        ValueError: on wrong ranks or shapes, non-integer labels or a chunk_size < 1.
-    """
-    _check_logits(logits)
-    _require_tensor("labels", labels)
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels has shape {_shape(labels)} but logits has shape {_shape(logits)}")
-    if labels.is_floating_point() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    b, s, v = logits.shape
-    flat_logits = logits.reshape(b * s, v)
-    flat_labels = labels.reshape(b * s, 1).long()
-    size = _chunk_size(chunk_size, s)
-    out = []
-    for i in range(0, b * s, size):
-        chunk = _upcast(flat_logits[i : i + size])
-        picked = chunk.gather(-1, flat_labels[i : i + size]).squeeze(-1)
-        out.append(picked - torch.logsumexp(chunk, dim=-1))
-    return torch.cat(out).reshape(b, s) if out else flat_logits.new_zeros(b, s, dtype=torch.float32)
-
-
-def entropy_from_logits(logits: Tensor, chunk_size: Optional[int] = None) -> Tensor:
-    """Entropy of ``softmax(logits)`` per position, in nats.
-
-    ``H = logsumexp(z) - sum_v softmax(z)_v * z_v``: no log of a probability is taken, so it is stable for
-    peaked distributions, and ``-inf`` logits (masked vocabulary) contribute 0 instead of ``nan``. Computed
-    in float32 on chunks of tokens.
-
-    Source: TRL ``entropy_from_logits`` (``trl/trainer/utils.py``); verl ``entropy_from_logits``.
-
-    Args:
-        logits: ``[batch, response_len, vocab]``, any float dtype.
-        chunk_size: tokens per chunk; ``None`` processes one sequence (``response_len`` tokens) at a time.
-
-    Returns:
-        ``[batch, response_len]`` float32 entropy in nats, differentiable w.r.t. ``logits``.
-
-    Raises:
-        ValueError: if ``logits`` is not 3-D or ``chunk_size`` < 1.
-    """
-    _check_logits(logits)
-    b, s, v = logits.shape
-    flat = logits.reshape(b * s, v)
-    size = _chunk_size(chunk_size, s)
-    out = []
-    for i in range(0, b * s, size):
-        z = _upcast(flat[i : i + size])
-        p = torch.softmax(z, dim=-1)
-        z_finite = z.clamp(min=torch.finfo(z.dtype).min)
-        out.append(torch.logsumexp(z, dim=-1) - (p * z_finite).sum(dim=-1))
-    return torch.cat(out).reshape(b, s) if out else flat.new_zeros(b, s, dtype=torch.float32)

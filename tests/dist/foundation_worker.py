@@ -1,4 +1,4 @@
-"""Worker for tests/test_foundation.py: one tiny GPTModel training step under a given parallel layout.
+"""Worker for tests/training/test_engine.py: one tiny GPTModel training step under a given parallel layout.
 
 ``--mode ref`` (world size 1) builds the model, saves it with dist_checkpointing, and records the loss before
 and after one Adam step; the other modes load that checkpoint under TP=2, PP=2 or DP=2 (megatron DDP) and record

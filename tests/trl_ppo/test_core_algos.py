@@ -1016,65 +1016,8 @@ def test_agg_loss_all_masked_batch_is_zero_with_finite_gradient():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Entropy, KL loss, ptx loss, log-probs from logits
+# Entropy bonus, KL loss, ptx loss
 # ----------------------------------------------------------------------------------------------------------
-
-
-def entropy_reference(logits):
-    """-sum p log p in float64 with an explicitly normalised softmax."""
-    z = logits.double()
-    e = torch.exp(z - z.max(dim=-1, keepdim=True).values)
-    p = e / e.sum(dim=-1, keepdim=True)
-    return -(torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))).sum(-1)
-
-
-@pytest.mark.parametrize("chunk_size", [None, 1, 3, 100])
-def test_entropy_from_logits_matches_direct_formula(chunk_size):
-    g = gen(26)
-    logits = 4 * torch.randn(3, 5, 11, generator=g)
-    logits[0, 0] = torch.tensor([50.0] + [0.0] * 10)  # very peaked
-    logits[1, 1] = 0.0  # uniform
-    ent = ca.entropy_from_logits(logits, chunk_size=chunk_size)
-    assert ent.shape == (3, 5) and ent.dtype == torch.float32
-    torch.testing.assert_close(ent.double(), entropy_reference(logits), rtol=0, atol=1e-5)
-    assert ent[1, 1].item() == pytest.approx(math.log(11), abs=1e-6)
-
-
-def test_entropy_with_masked_vocabulary_and_bf16_is_finite():
-    g = gen(27)
-    logits = torch.randn(2, 3, 8, generator=g)
-    logits[..., 5:] = float("-inf")
-    logits.requires_grad_()
-    ent = ca.entropy_from_logits(logits)
-    (grad,) = torch.autograd.grad(ent.sum(), logits)
-    assert_finite(ent, grad)
-    torch.testing.assert_close(ent.double(), entropy_reference(logits.detach()[..., :5]), rtol=0, atol=1e-5)
-    bf16 = ca.entropy_from_logits(logits.detach()[..., :5].bfloat16())
-    assert bf16.dtype == torch.float32
-    torch.testing.assert_close(bf16, ca.entropy_from_logits(logits.detach()[..., :5].bfloat16().float()))
-
-
-@pytest.mark.parametrize("chunk_size", [None, 1, 4])
-def test_logprobs_from_logits_matches_log_softmax_gather(chunk_size):
-    g = gen(28)
-    logits = (3 * torch.randn(4, 6, 13, generator=g)).requires_grad_()
-    labels = torch.randint(0, 13, (4, 6), generator=g)
-    got = ca.logprobs_from_logits(logits, labels, chunk_size=chunk_size)
-    expected = torch.log_softmax(logits.double(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
-    (grad,) = torch.autograd.grad(got.sum(), logits)
-    (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
-    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-5)
-
-
-def test_logprobs_from_bf16_logits_are_computed_in_fp32():
-    g = gen(29)
-    logits = (8 * torch.randn(2, 5, 300, generator=g)).bfloat16()
-    labels = torch.randint(0, 300, (2, 5), generator=g)
-    got = ca.logprobs_from_logits(logits, labels)
-    assert got.dtype == torch.float32
-    expected = torch.log_softmax(logits.double(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
 
 
 def test_entropy_kl_and_ptx_loss_terms_match_direct_formulas():
@@ -1209,10 +1152,6 @@ def test_shape_mismatch_names_the_argument():
         ca.compute_rewards(torch.zeros(3), a, a, torch.ones(2, 5), 0.1)
     with pytest.raises(ValueError, match="log_probs must be 2-D"):
         ca.compute_rewards(torch.zeros(2), torch.zeros(2, 5, 1), torch.zeros(2, 5, 1), torch.ones(2, 5, 1), 0.1)
-    with pytest.raises(ValueError, match="labels has shape"):
-        ca.logprobs_from_logits(torch.zeros(2, 5, 7), torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="logits must be 3-D"):
-        ca.entropy_from_logits(torch.zeros(2, 5))
     with pytest.raises(ValueError, match="has_eos"):
         ca.compute_rewards(torch.zeros(2), a, a, torch.ones(2, 5), 0.1, has_eos=torch.ones(3, dtype=torch.bool))
 
@@ -1258,9 +1197,5 @@ def test_invalid_settings_are_rejected():
         ca.compute_value_loss(x, x, x, m, cliprange_value=0.0)
     with pytest.raises(ValueError, match="score_clip"):
         ca.compute_rewards(torch.zeros(1), x, x, m, 0.1, score_clip=-1.0)
-    with pytest.raises(ValueError, match="chunk_size"):
-        ca.entropy_from_logits(torch.zeros(1, 3, 4), chunk_size=0)
-    with pytest.raises(ValueError, match="labels must be an integer tensor"):
-        ca.logprobs_from_logits(torch.zeros(1, 3, 4), torch.zeros(1, 3))
     with pytest.raises(ValueError, match="kl_coef"):
         ca.FixedKLController(-0.1)
