@@ -257,7 +257,18 @@ def _marked_blocks():
 
 def test_docs_mark_runnable_shell_blocks_and_they_parse():
     blocks = list(_marked_blocks())
-    assert blocks
+    assert len(blocks) >= 3
     for where, block in blocks:
         proc = subprocess.run(["bash", "-n"], input=block, capture_output=True, text=True)
         assert proc.returncode == 0, (where, proc.stderr)
+
+
+def test_docs_dry_run_of_a_gpu_example_runs_here(tmp_path):
+    blocks = [b for _, b in _marked_blocks() if b.startswith("DRY_RUN=1") and "examples/mcore/" in b]
+    assert blocks
+    for block in blocks:
+        env = {k: v for k, v in os.environ.items() if k not in LAYOUT_VARS}
+        proc = subprocess.run(["bash", "-c", "set -euo pipefail\n" + block], cwd=REPO, env=dict(env, OUT=str(tmp_path)),
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert torchrun_command(commands(proc.stdout))
