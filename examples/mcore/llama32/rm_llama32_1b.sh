@@ -18,7 +18,7 @@
 #   bf16 weights 2 B + fp32 grads 4 B + fp32 master 4 B + Adam m+v 8 B = 18 B x Pv = 22.2 GB; / TP 2 = 11.1 GB
 #   activations, micro-batch of 2 pairs = 4 rows x 1024 tokens, s b h (10 + 24/TP + 5 a s / (h TP)) B per layer:
 #   1024 x 4 x 2048 x (22 + 40) B x 16 layers = 8.3 GB (no vocabulary logits: a scalar head)
-#   => about 20 GB plus allocator slack: 24 GB GPUs (TP=1 NPROC=1 needs an 80 GB GPU: 22.2 + 12 GB).
+#   => about 20 GB plus allocator slack: 24 GB GPUs (TP=1 on one GPU: 22.2 + 15.3 GB, a 48 or 80 GB GPU).
 #
 # Settings from the environment (defaults in brackets):
 #   OUT [outputs/llama32_1b_rm]  NPROC [4] TP [2] PP [1]  EPOCHS [1]

@@ -6,7 +6,7 @@
 #
 # Layout: TP=2, PP=2, DP=1 (4 GPUs). Llama-3.2-1B has 32 attention heads, 8 KV heads and 16 layers: TP may be
 # 1, 2, 4 or 8, PP a divisor of 16; the script checks the layout before starting. On one 80 GB GPU, TP=1 PP=1
-# NPROC=1 fits as well (static 49 GB, below).
+# NPROC=1 fits as well (static 49.4 GB + ~5 GB of activations and logits at MBS=4).
 #
 # Memory per GPU (P = 1.236e9 parameters, tied embeddings; critic and reward model: same network, scalar head):
 #   weights, bf16, 4 models             4 x 2 B x P             =  9.9 GB
@@ -15,11 +15,12 @@
 #   training activations, micro-batch 4 x 384 tokens, per layer s b h (10 + 24/TP + 5 a s / (h TP)) B:
 #     384 x 4 x 2048 x (22 + 15) B = 116 MB; the first stage holds PP micro-batches of its 8 layers: 16 x 116 MB
 #                                                                  = 1.9 GB
-#   logits over 128 response positions, vocabulary split over TP, fp32, ~4 copies:
-#                                       4 x 4 x 128 x 128,256 / 2 x 4 B  = 0.5 GB
-#   rollout: KV cache 32 x 384 tokens x 32 KiB / (TP x PP) = 0.1 GB; the prefill's gathered logits on the last
-#   stage 32 x 256 x 128,256 x 6 B (bf16 + fp32 copy) = 6.3 GB
-#   => about 19 GB at the rollout peak, plus allocator slack: 24 GB GPUs.
+#   logits on the last stage, vocabulary split over TP: output over 384 positions in bf16 + fp32,
+#   4 x 384 x 128,256 / 2 x 6 B = 0.6 GB, and ~3 fp32 working copies over 128 response positions,
+#   3 x 4 x 128 x 128,256 / 2 x 4 B = 0.4 GB
+#   rollout (not at the same time as training): KV cache 32 x 384 tokens x 32 KiB / (TP x PP) = 0.1 GB (the
+#   decode materialises the logits of the last position only)
+#   => about 15 GB at the training peak, plus allocator slack: 24 GB GPUs.
 #
 # HF_RM: a LlamaForSequenceClassification (num_labels=1) reward model of the same tokenizer (rm_llama32_1b.sh
 # writes one; with POOLING=response_mean it is a LlamaForTokenClassification); REWARD_MODEL=<posttrain value

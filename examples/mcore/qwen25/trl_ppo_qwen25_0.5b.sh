@@ -11,13 +11,14 @@
 #   weights, bf16, 4 models             4 x 2 B x P             =  4.0 GB
 #   actor + critic: fp32 grads 4 B, fp32 master 4 B, Adam m+v 8 B  2 x 16 B x P  = 15.8 GB
 #                                       static total 40 B x P   = 19.8 GB  (/ (TP x PP); DP replicates it)
-#   training activations, micro-batch 8 x 512 tokens (s b h (34 + 5 a s / h) per layer, local attention):
-#                                       8 x 512 x 896 x (34 + 40) B x 24 layers  = 6.5 GB
-#   logits over the 256 response positions, fp32, ~4 live copies:  4 x 8 x 256 x 151,936 x 4 B  = 5.0 GB
-#   rollout (not at the same time as training): KV cache 16 x 512 tokens x 12 KiB = 0.1 GB; the prefill's
-#   gathered logits 16 x 256 x 151,936 x 6 B (bf16 + fp32 copy) = 3.7 GB
-#   => about 31 GB at the training peak, plus allocator slack: 40 GB GPUs. On 24 GB GPUs add
-#   --use-distributed-optimizer (Adam states / DP: 13.8 GB static) and MBS=4.
+#   training activations, micro-batch 4 x 512 tokens (s b h (34 + 5 a s / h) per layer, local attention):
+#                                       4 x 512 x 896 x (34 + 40) B x 24 layers  = 3.3 GB
+#   logits: the model's output over all 512 positions in bf16 + fp32, 4 x 512 x 151,936 x 6 B = 1.9 GB, and ~3 fp32
+#   working copies over the 256 response positions, 3 x 4 x 256 x 151,936 x 4 B = 1.9 GB
+#   rollout (not at the same time as training): KV cache 16 x 512 tokens x 12 KiB = 0.1 GB (the decode
+#   materialises the logits of the last position only)
+#   => about 27 GB at the training peak, plus allocator slack: 40 GB GPUs. On 24 GB GPUs add
+#   --use-distributed-optimizer (master weights and Adam states / DP: 13.8 GB static) and MBS=2.
 #
 # HF_RM: a reward model of the same tokenizer as Qwen2ForSequenceClassification (num_labels=1) or, from
 # rm_qwen25_0.5b.sh with POOLING=response_mean, Qwen2ForTokenClassification; REWARD_MODEL=<posttrain value
@@ -25,7 +26,7 @@
 # HF_RM=$HF_ACTOR starts from a fresh value head (an untrained reward: exercises the pipeline only).
 #
 # Settings from the environment (defaults in brackets):
-#   OUT [outputs/qwen25_0.5b]  NPROC [2] TP [1] PP [1]  GBS [64] MBS [8] ROLLOUT_BS [16] ITERS [500]
+#   OUT [outputs/qwen25_0.5b]  NPROC [2] TP [1] PP [1]  GBS [64] MBS [4] ROLLOUT_BS [16] ITERS [500]
 #   MAX_PROMPT [256] MAX_NEW_TOKENS [256] LR [1e-6] CRITIC_LR [5e-6] PROMPT_TYPE [qwen] WORKERS [16]
 #   TRANSFORMER_IMPL (unset: the trainer's default; local or transformer_engine when the trainer has the flag)
 #   POSTTRAIN_VENV / PYTHON, DRY_RUN=1, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT: see examples/mcore/common.sh
@@ -39,7 +40,7 @@ source examples/mcore/common.sh
 [ -n "${REWARD_MODEL:-}" ] || : "${HF_RM:?set HF_RM to the HF reward model (or REWARD_MODEL to a posttrain one)}"
 OUT=${OUT:-outputs/qwen25_0.5b}
 NPROC=${NPROC:-2}; TP=${TP:-1}; PP=${PP:-1}
-GBS=${GBS:-64}; MBS=${MBS:-8}; ROLLOUT_BS=${ROLLOUT_BS:-16}; ITERS=${ITERS:-500}
+GBS=${GBS:-64}; MBS=${MBS:-4}; ROLLOUT_BS=${ROLLOUT_BS:-16}; ITERS=${ITERS:-500}
 MAX_PROMPT=${MAX_PROMPT:-256}; MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-256}; LR=${LR:-1e-6}; CRITIC_LR=${CRITIC_LR:-5e-6}
 PROMPT_TYPE=${PROMPT_TYPE:-qwen}; WORKERS=${WORKERS:-16}
 

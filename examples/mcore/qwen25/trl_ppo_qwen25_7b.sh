@@ -18,11 +18,11 @@
 #    TP=2 PP=2 DP=2 -> (58.7 + 58.7 + 176.2 / 2) / 4 = 51.4 GB)
 #   training activations with --recompute-granularity full: layer inputs 768 x 2 x 3584 x 2 B = 11 MB per layer
 #   and micro-batch, x 14 layers x 2 micro-batches in flight = 0.3 GB, plus one recomputed layer (0.13 GB)
-#   logits over 256 response positions, vocabulary split over TP, fp32, ~4 copies:
-#                                       4 x 2 x 256 x 152,064 / 4 x 4 B  = 0.3 GB
-#   rollout: KV cache 16 x 768 tokens x 56 KiB / (TP x PP) = 0.1 GB; the prefill's gathered logits on the last
-#   stage 16 x 512 x 152,064 x 6 B (bf16 + fp32 copy) = 7.5 GB
-#   => about 45 GB at the rollout peak, plus allocator slack: 80 GB GPUs.
+#   logits on the last stage, vocabulary split over TP: output over 768 positions in bf16 + fp32,
+#   2 x 768 x 152,064 / 4 x 6 B = 0.35 GB, and ~3 fp32 working copies over 256 response positions, 0.23 GB
+#   rollout (not at the same time as training): KV cache 16 x 768 tokens x 56 KiB / (TP x PP) = 0.1 GB (the
+#   decode materialises the logits of the last position only)
+#   => about 38 GB at the training peak, plus allocator slack: more than 40 GB GPUs, 80 GB.
 #
 # HF_RM: a Qwen2ForSequenceClassification (num_labels=1) reward model of the same tokenizer (rm_qwen25_7b.sh
 # writes one); REWARD_MODEL=<posttrain value checkpoint> skips its conversion; RM_FRESH=1 with HF_RM=$HF_ACTOR
