@@ -48,7 +48,8 @@ VPY="$VENV/bin/python"
 echo "== environment $VENV (system site packages of $PYTHON)"
 if [ ! -x "$VPY" ]; then
   # Debian's python3 without the python3-venv package has no ensurepip: then the venv borrows the system's pip
-  run "$PYTHON" -m venv --system-site-packages "$VENV" || run "$PYTHON" -m venv --system-site-packages --without-pip "$VENV"
+  run "$PYTHON" -m venv --system-site-packages "$VENV" \
+    || run "$PYTHON" -m venv --system-site-packages --without-pip "$VENV"
 fi
 if [ "$DRY_RUN" != 1 ] && ! "$VPY" -c "import torch" 2>/dev/null; then
   # PYTHON is itself a virtual environment (or conda): its packages are not the base interpreter's, so point the
@@ -56,7 +57,10 @@ if [ "$DRY_RUN" != 1 ] && ! "$VPY" -c "import torch" 2>/dev/null; then
   site=$("$VPY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   "$PYTHON" -c "import site, sys; print('\n'.join(p for p in site.getsitepackages() if p not in sys.path[:1]))" \
     > "$site/_base_site_packages.pth"
-  "$VPY" -c "import torch" || { echo "error: $PYTHON has no torch: set PYTHON to the interpreter with CUDA torch" >&2; exit 1; }
+  if ! "$VPY" -c "import torch"; then
+    echo "error: $PYTHON has no torch: set PYTHON to the interpreter with the CUDA build of torch" >&2
+    exit 1
+  fi
 fi
 
 echo "== packages from $WHEELS (no index; torch stays the machine's)"

@@ -40,7 +40,11 @@ requirements() {
   while IFS= read -r line; do
     read -r spec _ <<< "${line%%#*}" || true
     [ -n "${spec:-}" ] || continue
-    if [[ $line == *"# optional"* ]]; then [ "$1" = optional ] && echo "$spec"; else [ "$1" = required ] && echo "$spec"; fi
+    if [[ $line == *"# optional"* ]]; then
+      [ "$1" = optional ] && echo "$spec"
+    else
+      [ "$1" = required ] && echo "$spec"
+    fi
   done < scripts/gpu_requirements.txt
   return 0
 }
@@ -88,7 +92,10 @@ fi
 if [ "$ASSETS" = 1 ]; then
   echo "== assets -> $WHEELS/assets"
   PY="$VENV/bin/python"
-  [ -x "$PY" ] || { echo "error: $PY not found: run scripts/install.sh (or set POSTTRAIN_VENV, or ASSETS=0)" >&2; exit 1; }
+  if [ ! -x "$PY" ]; then
+    echo "error: $PY not found: run scripts/install.sh (or set POSTTRAIN_VENV, or ASSETS=0)" >&2
+    exit 1
+  fi
   mkdir -p "$WHEELS/assets/smollm2" "$WHEELS/assets/data"
   HF_DIR=$("$PY" tools/prepare_example_model.py)
   for f in config.json generation_config.json tokenizer.json tokenizer_config.json chat_template.jinja; do
@@ -111,12 +118,14 @@ PY
 fi
 
 echo "== size"
-ls -S "$WHEELS"/*.whl | while read -r f; do printf '%8.1f MiB  %s\n' "$(du -k "$f" | cut -f1 | awk '{print $1 / 1024}')" "${f##*/}"; done
+ls -S "$WHEELS"/*.whl | while read -r f; do
+  printf '%8.1f MiB  %s\n' "$(du -k "$f" | cut -f1 | awk '{print $1 / 1024}')" "${f##*/}"
+done
 bundle_kb=$(du -sk "$WHEELS" | cut -f1)
 repo_kb=$(git ls-files -z | du -ck --files0-from=- | tail -1 | cut -f1)
 total_mb=$(( (bundle_kb + repo_kb + 1023) / 1024 ))
-echo "$WHEELS: $(( (bundle_kb + 1023) / 1024 )) MiB ($(ls "$WHEELS"/*.whl | wc -l) wheels); with the tracked repository:" \
-  "$total_mb MiB of the $LIMIT_MB MiB a check machine accepts"
+echo "$WHEELS: $(( (bundle_kb + 1023) / 1024 )) MiB ($(ls "$WHEELS"/*.whl | wc -l) wheels);" \
+  "with the tracked repository: $total_mb MiB of the $LIMIT_MB MiB a check machine accepts"
 if [ "$total_mb" -gt "$LIMIT_MB" ]; then
   echo "over the limit: carry SET=check (the optional wheels above are the large ones), or leave out what the GPU" \
     "machine already has (numpy, pytest, setuptools are often preinstalled)" >&2
