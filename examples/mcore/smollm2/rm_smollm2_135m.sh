@@ -25,37 +25,46 @@
 #   POOLING     score pooling (response_mean: mean of the head over the response tokens; last: the last token, the
 #               HF *ForSequenceClassification convention; response_mean models export as *ForTokenClassification),
 #   PRECISION (fp32|bf16; fp32 by default: CPUs without AVX512-BF16/AMX run bf16 matmuls 50-130x slower than fp32),
-#   EVAL_INTERVAL (0: evaluate at the end only), SAVE_INTERVAL (0: only the final checkpoint), NPROC (2), TP (1)
+#   EVAL_INTERVAL (0: evaluate at the end only), SAVE_INTERVAL (0: only the final checkpoint), NPROC (2), TP (1),
+#   POSTTRAIN_VENV (the environment scripts/install.sh creates and this script uses; default .venv),
+#   DRY_RUN=1 (print the commands, from the install to the training, without running any; see ../common.sh)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 cd "$REPO"
+source examples/mcore/common.sh
 OUT=${OUT:-outputs/smollm2}
 DATA=${DATA:-../shared/data/dpo_en_250.parquet}
 EVAL_DATA=${EVAL_DATA:-../shared/data/dpo_en_50_eval.parquet}
 SEQ=${SEQ:-192}; MAX_PROMPT=${MAX_PROMPT:-64}; TRUNCATION=${TRUNCATION:-truncate}
 EPOCHS=${EPOCHS:-1}; GBS=${GBS:-8}; MBS=${MBS:-2}; LR=${LR:-5e-5}; HEAD_STD=${HEAD_STD:-0.0017}
-POOLING=${POOLING:-response_mean}; PRECISION=${PRECISION:-fp32}; EVAL_INTERVAL=${EVAL_INTERVAL:-0}; SAVE_INTERVAL=${SAVE_INTERVAL:-0}; NPROC=${NPROC:-2}; TP=${TP:-1}
+POOLING=${POOLING:-response_mean}; PRECISION=${PRECISION:-fp32}; EVAL_INTERVAL=${EVAL_INTERVAL:-0}
+SAVE_INTERVAL=${SAVE_INTERVAL:-0}; NPROC=${NPROC:-2}; TP=${TP:-1}
 START=$SECONDS
 
-bash scripts/install.sh
-PY="$REPO/.venv/bin/python"
+run bash scripts/install.sh
+PY="$VENV/bin/python"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-mkdir -p "$OUT/data"
+run mkdir -p "$OUT/data"
 
-echo "== example model"
-HF_DIR=$("$PY" tools/prepare_example_model.py)
+step "example model"
+if [ "$DRY_RUN" = 1 ]; then
+  run "$PY" tools/prepare_example_model.py
+  HF_DIR='$HF_DIR'  # what that command prints
+else
+  HF_DIR=$("$PY" tools/prepare_example_model.py)
+fi
 
-echo "== value checkpoint with a fresh head"
-if [ ! -f "$OUT/rm_init_mcore/posttrain_checkpoint.json" ]; then
-  "$PY" convert_ckpt.py --direction hf2mcore --load-dir "$HF_DIR" --save-dir "$OUT/rm_init_mcore" \
+step "value checkpoint with a fresh head"
+if ! exists "$OUT/rm_init_mcore/posttrain_checkpoint.json"; then
+  run "$PY" convert_ckpt.py --direction hf2mcore --load-dir "$HF_DIR" --save-dir "$OUT/rm_init_mcore" \
     --model-kind value --init-value-head --value-head-init-std "$HEAD_STD" --overwrite
 fi
 
-echo "== preference pairs"
+step "preference pairs"
 for split in train eval; do
   if [ "$split" = train ]; then input=$DATA; else input=$EVAL_DATA; fi
-  if [ ! -f "$OUT/data/dpo_${split}_chosen_input_ids_document.idx" ]; then
-    "$PY" preprocess_data.py --input "$input" --handler-name AlpacaStylePairwiseHandler \
+  if ! exists "$OUT/data/dpo_${split}_chosen_input_ids_document.idx"; then
+    run "$PY" preprocess_data.py --input "$input" --handler-name AlpacaStylePairwiseHandler \
       --tokenizer-type PretrainedFromHF --tokenizer-name-or-path "$HF_DIR" --prompt-type hf \
       --output-prefix "$OUT/data/dpo_${split}" --log-interval 1000
   fi
@@ -63,24 +72,26 @@ done
 
 PRECISION_ARGS=()
 [ "$PRECISION" = "bf16" ] && PRECISION_ARGS=(--bf16)
-MIN_LR=$("$PY" -c "print($LR / 10)")
+MIN_LR=$(awk "BEGIN { print $LR / 10 }")
 
-echo "== reward model training"
-"$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" pretrain_gpt.py --stage rm \
+step "reward model training"
+run "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" pretrain_gpt.py --stage rm \
   --pretrained-checkpoint "$OUT/rm_init_mcore" --load "$OUT/rm" --save "$OUT/rm" \
   --data-path "$OUT/data/dpo_train" --eval-data-path "$OUT/data/dpo_eval" \
   --seq-length "$SEQ" --truncation "$TRUNCATION" --max-prompt-length "$MAX_PROMPT" --score-pooling "$POOLING" \
   --micro-batch-size "$MBS" --global-batch-size "$GBS" --num-epochs "$EPOCHS" \
   --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-iters 2 --weight-decay 0.0 --clip-grad 1.0 \
   --tensor-model-parallel-size "$TP" "${PRECISION_ARGS[@]}" \
-  --eval-interval "$EVAL_INTERVAL" --save-interval "$SAVE_INTERVAL" --log-interval 1 --tensorboard-dir "$OUT/rm/tensorboard"
+  --eval-interval "$EVAL_INTERVAL" --save-interval "$SAVE_INTERVAL" --log-interval 1 \
+  --tensorboard-dir "$OUT/rm/tensorboard"
 
-LATEST=$(cat "$OUT/rm/latest_checkpointed_iteration.txt")
-FINAL="$OUT/rm/iter_$(printf %07d "$LATEST")/model"
+FINAL_ITER=$(latest_checkpoint "$OUT/rm")
+FINAL="$FINAL_ITER/model"
+[ "$DRY_RUN" = 1 ] && exit 0
 echo "$FINAL" > "$OUT/rm/final_checkpoint.txt"
 ACCURACY=$("$PY" -c "
-import json
-ev = json.load(open('$OUT/rm/iter_$(printf %07d "$LATEST")/trainer_state.json')).get('eval') or {}
-print(f\"{ev['eval/accuracy']:.4f} on {ev['eval/num_pairs']} pairs\" if ev else 'n/a')")
+import json, sys
+ev = json.load(open(sys.argv[1])).get('eval') or {}
+print(f\"{ev['eval/accuracy']:.4f} on {ev['eval/num_pairs']} pairs\" if ev else 'n/a')" "$FINAL_ITER/trainer_state.json")
 echo "== done in $((SECONDS - START)) s: held-out pair accuracy $ACCURACY"
 echo "reward model checkpoint: $FINAL (also in $OUT/rm/final_checkpoint.txt)"

@@ -14,9 +14,12 @@
 #   TP, PP        parallel layout over the 2 processes (default TP=1, PP=1: DP=2; SmolLM2 has 9 attention
 #                 heads and 3 KV heads, so TP must divide 3 and TP=2 is impossible for it)
 #   ITERS, GBS, MBS, MAX_NEW_TOKENS, LR, PRECISION (bf16|fp32), EVAL_INTERVAL, EVAL_SAMPLES, SAVE_INTERVAL
+#   POSTTRAIN_VENV the environment scripts/install.sh creates and this script uses (default .venv)
+#   DRY_RUN=1      print the commands (install, conversion, preprocessing, training, export) without running any
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 cd "$REPO"
+source examples/mcore/common.sh
 OUT=${OUT:-outputs/smollm2}
 DATA=${DATA:-../shared/data/alpaca_en_800.parquet}
 EVAL_DATA=${EVAL_DATA-../shared/data/alpaca_en_199_eval.parquet}
@@ -26,50 +29,59 @@ ITERS=${ITERS:-20}; GBS=${GBS:-8}; MBS=${MBS:-4}; MAX_NEW_TOKENS=${MAX_NEW_TOKEN
 PRECISION=${PRECISION:-bf16}; EVAL_INTERVAL=${EVAL_INTERVAL:-10}; SAVE_INTERVAL=${SAVE_INTERVAL:-10}
 NPROC=${NPROC:-2}
 
-bash scripts/install.sh
-PY="$REPO/.venv/bin/python"
+run bash scripts/install.sh
+PY="$VENV/bin/python"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-mkdir -p "$OUT/data"
+run mkdir -p "$OUT/data"
 
-echo "== example model"
-HF_DIR=$("$PY" tools/prepare_example_model.py)
-
-echo "== actor / reference checkpoint"
-if [ ! -f "$OUT/actor_mcore/posttrain_checkpoint.json" ]; then
-  "$PY" convert_ckpt.py --direction hf2mcore --load-dir "$HF_DIR" --save-dir "$OUT/actor_mcore" --overwrite
+step "example model"
+if [ "$DRY_RUN" = 1 ]; then
+  run "$PY" tools/prepare_example_model.py
+  HF_DIR='$HF_DIR'  # what that command prints
+else
+  HF_DIR=$("$PY" tools/prepare_example_model.py)
 fi
 
-echo "== reward model"
+step "actor / reference checkpoint"
+if ! exists "$OUT/actor_mcore/posttrain_checkpoint.json"; then
+  run "$PY" convert_ckpt.py --direction hf2mcore --load-dir "$HF_DIR" --save-dir "$OUT/actor_mcore" --overwrite
+fi
+
+step "reward model"
 if [ -n "${REWARD_MODEL:-}" ]; then
   echo "using REWARD_MODEL=$REWARD_MODEL"
 elif [ "$RM" = "train" ]; then
   RM_CKPT_FILE="$OUT/rm/final_checkpoint.txt"
-  if [ ! -f "$RM_CKPT_FILE" ]; then
+  if ! exists "$RM_CKPT_FILE"; then
     OUT="$OUT" bash examples/mcore/smollm2/rm_smollm2_135m.sh
   fi
-  REWARD_MODEL=$(cat "$RM_CKPT_FILE")
+  if [ "$DRY_RUN" = 1 ]; then
+    REWARD_MODEL="$(latest_checkpoint "$OUT/rm")/model"
+  else
+    REWARD_MODEL=$(cat "$RM_CKPT_FILE")
+  fi
   echo "using the reward model trained on dpo_en_250: $REWARD_MODEL"
 elif [ "$RM" = "fresh" ]; then
   REWARD_MODEL="$OUT/rm_fresh_mcore"
   echo "NOTE: reward model = SmolLM2 with a freshly initialised value head (untrained; pipeline check only)"
-  if [ ! -f "$REWARD_MODEL/posttrain_checkpoint.json" ]; then
-    "$PY" convert_ckpt.py --direction hf2mcore --load-dir "$HF_DIR" --save-dir "$REWARD_MODEL" \
+  if ! exists "$REWARD_MODEL/posttrain_checkpoint.json"; then
+    run "$PY" convert_ckpt.py --direction hf2mcore --load-dir "$HF_DIR" --save-dir "$REWARD_MODEL" \
       --model-kind value --init-value-head --overwrite
   fi
 else
   echo "error: RM must be train or fresh (got $RM)" >&2; exit 2
 fi
 
-echo "== prompts"
-if [ ! -f "$OUT/data/alpaca_packed_input_ids_document.idx" ]; then
-  "$PY" preprocess_data.py --input "$DATA" --tokenizer-type PretrainedFromHF --tokenizer-name-or-path "$HF_DIR" \
+step "prompts"
+if ! exists "$OUT/data/alpaca_packed_input_ids_document.idx"; then
+  run "$PY" preprocess_data.py --input "$DATA" --tokenizer-type PretrainedFromHF --tokenizer-name-or-path "$HF_DIR" \
     --output-prefix "$OUT/data/alpaca" --workers 2 --log-interval 400 \
     --handler-name PPOAlpacaStyleInstructionHandler --prompt-type hf --seq-length 256
 fi
 EVAL_ARGS=()
 if [ -n "$EVAL_DATA" ]; then
-  if [ ! -f "$OUT/data/alpaca_eval_packed_input_ids_document.idx" ]; then
-    "$PY" preprocess_data.py --input "$EVAL_DATA" --tokenizer-type PretrainedFromHF --tokenizer-name-or-path "$HF_DIR" \
+  if ! exists "$OUT/data/alpaca_eval_packed_input_ids_document.idx"; then
+    run "$PY" preprocess_data.py --input "$EVAL_DATA" --tokenizer-type PretrainedFromHF --tokenizer-name-or-path "$HF_DIR" \
       --output-prefix "$OUT/data/alpaca_eval" --workers 2 --log-interval 400 \
       --handler-name PPOAlpacaStyleInstructionHandler --prompt-type hf --seq-length 256
   fi
@@ -78,8 +90,8 @@ fi
 PRECISION_ARGS=()
 [ "$PRECISION" = "bf16" ] && PRECISION_ARGS=(--bf16)
 
-echo "== PPO"
-"$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" pretrain_gpt.py --stage trl_ppo \
+step "PPO"
+run "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" pretrain_gpt.py --stage trl_ppo \
   --ref-model "$OUT/actor_mcore" --reward-model "$REWARD_MODEL" --data-path "$OUT/data/alpaca" \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
   --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$ITERS" --lr "$LR" "${PRECISION_ARGS[@]}" \
@@ -89,8 +101,7 @@ echo "== PPO"
   --save "$OUT/ppo" --save-interval "$SAVE_INTERVAL" --log-interval 1 --tensorboard-dir "$OUT/tensorboard" \
   "${EVAL_ARGS[@]}"
 
-echo "== trained actor -> HF"
-LATEST=$(cat "$OUT/ppo/latest_checkpointed_iteration.txt")
-"$PY" convert_ckpt.py --direction mcore2hf --load-dir "$OUT/ppo/iter_$(printf %07d "$LATEST")/actor" \
+step "trained actor -> HF"
+run "$PY" convert_ckpt.py --direction mcore2hf --load-dir "$(latest_checkpoint "$OUT/ppo")/actor" \
   --save-dir "$OUT/actor_hf" --overwrite
 echo "done: metrics $OUT/ppo/metrics.jsonl, TensorBoard $OUT/tensorboard, HF model $OUT/actor_hf"
