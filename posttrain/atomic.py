@@ -7,7 +7,9 @@ directory holds a ``WRITER`` file with the writer's host and process id: a later
 writer is gone (:func:`remove_stale_temporaries`) and leaves those of a live writer alone.
 
 A write that fails because the disk is full is reported as :class:`DiskFullError` (one line naming ENOSPC and
-the directory) after the partial directory has been removed; the previous output, if any, is untouched.
+the directory) after the partial directory has been removed; the previous output, if any, is untouched. A write
+stopped by the process's file-size limit (``RLIMIT_FSIZE``, ``ulimit -f``; the kernel answers EFBIG) is reported
+the same way as :class:`FileSizeLimitError`.
 
 Under ``torch.distributed`` every rank calls :class:`AtomicDirectory` (it is collective): rank 0 creates, renames
 and removes; all ranks write in between.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import resource
 import shutil
 import socket
 from pathlib import Path
@@ -33,6 +36,11 @@ LOW_SPACE_BYTES = 1 << 20
 
 class DiskFullError(InputError, OSError):
     """No space left on the device while writing an output (the partial output has been removed)."""
+
+
+class FileSizeLimitError(InputError, OSError):
+    """A file of an output hit the process's file-size limit, ``RLIMIT_FSIZE`` (the partial output has been
+    removed)."""
 
 
 def _rank() -> int:
@@ -85,6 +93,33 @@ def is_disk_full(exc: BaseException, directory: Path) -> bool:
         return shutil.disk_usage(probe).free < LOW_SPACE_BYTES
     except OSError:
         return False
+
+
+def file_size_limit(exc: BaseException, directory: Path) -> Optional[int]:
+    """The process's file-size limit in bytes when it stopped the write that raised ``exc`` under ``directory``,
+    else None.
+
+    It did when ``exc`` (or an exception it was raised from) is EFBIG, or when the limit is finite and a file
+    under ``directory`` has reached it: megatron's checkpoint writer reports EFBIG as a generic worker failure,
+    and the kernel writes a file up to the limit before refusing more.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+            return soft
+        exc = exc.__cause__ or exc.__context__
+    for root, _, files in os.walk(directory):
+        for name in files:
+            try:
+                if os.stat(os.path.join(root, name)).st_size >= soft:
+                    return soft
+            except OSError:
+                continue
+    return None
 
 
 def remove_stale_temporaries(parent: str | Path, pattern: str = r"^\..*\.tmp$") -> list[Path]:
@@ -146,6 +181,7 @@ class AtomicDirectory:
 
     Raises (on exit):
         DiskFullError: the write failed for lack of space (the partial directory is removed first).
+        FileSizeLimitError: a file hit the process's file-size limit (likewise).
     """
 
     def __init__(self, final: str | Path, replace: bool = True, what: Optional[str] = None):
@@ -167,11 +203,18 @@ class AtomicDirectory:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
             full = is_disk_full(exc, self.final.parent)
+            limit = None if full else file_size_limit(exc, self.tmp)
             if _rank() == 0:
                 shutil.rmtree(self.tmp, ignore_errors=True)
             if full:
                 raise DiskFullError(errno.ENOSPC, f"no space left on device (ENOSPC) writing {self.what} under "
-                                                  f"{self.final.parent}; the partial output was removed") from exc
+                                                  f"{self.final.parent}; the partial output was removed; free space "
+                                                  "there and run again") from exc
+            if limit is not None:
+                raise FileSizeLimitError(errno.EFBIG, f"file size limit of {limit} bytes (RLIMIT_FSIZE, ulimit -f) "
+                                                      f"exceeded (EFBIG) writing {self.what} under "
+                                                      f"{self.final.parent}; the partial output was removed; raise "
+                                                      "the limit (ulimit -f unlimited)") from exc
             return False
         _barrier()
         if _rank() == 0:

@@ -3,7 +3,8 @@
 :func:`initialize_distributed` reads torchrun's environment (or runs as a single process when started with plain
 ``python``), picks ``nccl`` with CUDA and ``gloo`` without (switching on :mod:`posttrain.cpu_backend` in the
 latter case: the one place it is activated), builds megatron-core's tensor / pipeline / data / expert parallel
-groups and seeds every RNG.
+groups and seeds every RNG. It also makes every child process this process forks die with it
+(:func:`posttrain.processes.bind_children_to_parent`), so a killed run leaves no checkpoint writer behind.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from posttrain.errors import InputError
+from posttrain.processes import bind_children_to_parent
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -125,7 +127,8 @@ def seed_everything(seed: int) -> None:
 def initialize_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                            expert_model_parallel_size: int = 1, seed: int = 1234,
                            timeout_minutes: float = 30.0) -> ParallelState:
-    """Create the process group and megatron-core's parallel groups, then seed all RNGs.
+    """Create the process group and megatron-core's parallel groups, then seed all RNGs; children this process
+    forks from now on die with it (:mod:`posttrain.processes`).
 
     Idempotent for the same layout; a second call with another layout re-creates the model-parallel groups.
 
@@ -144,6 +147,7 @@ def initialize_distributed(tensor_model_parallel_size: int = 1, pipeline_model_p
     """
     from megatron.core import parallel_state
 
+    bind_children_to_parent()
     rank, world_size, local_rank = _read_launcher_env()
     data_parallel = validate_parallel_sizes(world_size, tensor_model_parallel_size, pipeline_model_parallel_size,
                                             expert_model_parallel_size)

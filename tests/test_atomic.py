@@ -12,9 +12,11 @@ from posttrain import atomic
 from posttrain.atomic import (
     AtomicDirectory,
     DiskFullError,
+    FileSizeLimitError,
     remove_stale_temporaries,
     remove_stale_temporary_files,
 )
+from posttrain.errors import InputError
 
 
 def dead_pid():
@@ -64,6 +66,39 @@ def test_a_writer_failure_on_a_full_file_system_counts_as_enospc(tmp_path, monke
     with pytest.raises(DiskFullError):
         with AtomicDirectory(tmp_path / "ckpt"):
             raise RuntimeError("Worker failure: unexpected pos 704 vs 598")
+
+
+def test_a_file_at_the_file_size_limit_makes_a_writer_failure_one_efbig_line(tmp_path, monkeypatch):
+    """Under ``ulimit -f`` the kernel writes a file up to the limit, then refuses (EFBIG); megatron's writer reports
+    that as a generic worker failure."""
+    monkeypatch.setattr(atomic.resource, "getrlimit", lambda which: (4096, 4096))
+    final = tmp_path / "ckpt"
+    with pytest.raises(FileSizeLimitError) as info:
+        with AtomicDirectory(final, what="checkpoint iteration 2") as tmp:
+            (tmp / "shard.distcp").write_bytes(b"x" * 4096)
+            raise RuntimeError("Worker failure: unexpected pos 704 vs 598")
+    message = str(info.value)
+    assert info.value.errno == errno.EFBIG and isinstance(info.value, InputError)
+    for needle in ("EFBIG", "4096 bytes", "ulimit -f", "checkpoint iteration 2", str(tmp_path)):
+        assert needle in message, needle
+    assert "\n" not in message and list(tmp_path.iterdir()) == []
+
+
+def test_an_efbig_error_under_a_file_size_limit_is_reported_as_such(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic.resource, "getrlimit", lambda which: (1 << 30, 1 << 30))
+    with pytest.raises(FileSizeLimitError, match="1073741824 bytes"):
+        with AtomicDirectory(tmp_path / "ckpt"):
+            raise OSError(errno.EFBIG, "File too large")
+
+
+@pytest.mark.parametrize("limit", [atomic.resource.RLIM_INFINITY, 1 << 20], ids=["unlimited", "not-reached"])
+def test_other_writer_failures_keep_their_own_exception(tmp_path, monkeypatch, limit):
+    monkeypatch.setattr(atomic.resource, "getrlimit", lambda which: (limit, limit))
+    with pytest.raises(RuntimeError, match="writer broke"):
+        with AtomicDirectory(tmp_path / "ckpt") as tmp:
+            (tmp / "shard.distcp").write_bytes(b"x" * 100)
+            raise RuntimeError("writer broke")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_only_temporaries_of_dead_writers_are_removed(tmp_path):

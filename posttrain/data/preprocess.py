@@ -53,6 +53,7 @@ from posttrain.data.writer import (
     numpy_dtype,
 )
 from posttrain.errors import InputError, one_line
+from posttrain.processes import bind_children_to_parent
 
 logger = logging.getLogger("posttrain.data.preprocess")
 
@@ -400,9 +401,12 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
         DataError: bad option, unreadable input, missing column, wrong cell type, unloadable tokenizer, an output
             directory that cannot be created, or no row left to write. No ``.bin``/``.idx`` file of this run is left
             behind, nor a directory it created.
+
+    Pool workers die with this process even when it is killed (:mod:`posttrain.processes`).
     """
     global _WORKER
     started = time.perf_counter()
+    bind_children_to_parent()
     handler = get_handler(config.handler_name)(config.map_keys, config.system_prompt)
     get_template(config.prompt_type)
     files = discover_inputs(config.input)

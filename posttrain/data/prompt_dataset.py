@@ -227,7 +227,7 @@ def pad_sequences(sequences: Sequence[torch.Tensor], pad_token_id: int, side: st
 
     Returns:
         ``(input_ids, attention_mask)``, both int64 ``[b, s]`` with ``s = max len_i`` rounded up; the mask is 1 on
-        real tokens and 0 on padding.
+        real tokens and 0 on padding; on the device of tensor inputs, on the CPU for lists.
 
     Raises:
         ValueError: empty ``sequences``, unknown ``side`` or ``pad_to_multiple_of < 1``.
@@ -238,7 +238,8 @@ def pad_sequences(sequences: Sequence[torch.Tensor], pad_token_id: int, side: st
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     if pad_to_multiple_of < 1:
         raise ValueError(f"pad_to_multiple_of must be at least 1, got {pad_to_multiple_of}")
-    seqs = [torch.as_tensor(seq, dtype=torch.long) for seq in sequences]
+    seqs = [torch.as_tensor(seq, dtype=torch.long, device=seq.device if torch.is_tensor(seq) else "cpu")
+            for seq in sequences]
     input_ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=pad_token_id,
                                                 padding_side=side)
     mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(seq) for seq in seqs], batch_first=True,

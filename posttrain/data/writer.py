@@ -9,19 +9,28 @@ module only decides names, dtypes and the order in which files appear:
    place, the primary dataset's ``.idx`` last. A dataset only loads once its ``.idx`` exists, so a run that
    stops at any point never leaves a dataset that loads with the wrong content;
 3. on any error (or Ctrl-C) :meth:`IndexedDatasetWriter.abort` deletes the temporary files, so a failed run leaves
-   no ``.bin``/``.idx`` behind.
+   no ``.bin``/``.idx`` behind. A run killed outright (``kill -9``) cannot; the next run writing to the same prefix
+   removes what it left (:func:`remove_stale_temporary_outputs`).
 """
 from __future__ import annotations
 
+import errno
+import glob
 import json
+import logging
 import os
+import resource
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from posttrain.atomic import remove_stale_temporary_files
 from posttrain.data.errors import DataError
 from posttrain.data.handlers import EncodedChunk, OutputSpec
+
+logger = logging.getLogger("posttrain.data.writer")
 
 
 def indexed_dataset_module():
@@ -54,6 +63,23 @@ def numpy_dtype(kind: str, vocab_size: int) -> type:
     return {"mask": np.uint8, "int32": np.int32, "float32": np.float32}[kind]
 
 
+def remove_stale_temporary_outputs(prefix: str, outputs: Sequence[OutputSpec]) -> list[Path]:
+    """Remove the temporary files (``<dataset>.bin.tmp-<pid>``, ``<dataset>.idx.tmp-<pid>``,
+    ``<prefix>_meta.json.tmp-<pid>``) that earlier runs writing ``outputs`` to ``prefix`` left when they were killed.
+
+    A file is removed only when no process ``<pid>`` runs on this host; files of other prefixes or datasets are
+    not touched. (On a file system shared between hosts, two runs writing one prefix at the same time conflict
+    anyway: their outputs replace each other.)
+
+    Returns:
+        The removed paths.
+    """
+    names = {meta_path(prefix)} | {dataset_prefix(prefix, o.name) + ext for o in outputs for ext in (".bin", ".idx")}
+    candidates = [Path(path) for path in glob.glob(glob.escape(prefix) + "_*.tmp-*")
+                  if path.rsplit(".tmp-", 1)[0] in names]
+    return remove_stale_temporary_files(candidates)
+
+
 class IndexedDatasetWriter:
     """Builds the output datasets of one preprocessing run, one document per written row.
 
@@ -64,12 +90,17 @@ class IndexedDatasetWriter:
 
     Raises:
         DataError: the output directory does not exist or is not writable.
+
+    Temporary files that killed runs left for the same prefix are removed first
+    (:func:`remove_stale_temporary_outputs`).
     """
 
     def __init__(self, prefix: str, outputs: Sequence[OutputSpec], vocab_size: int) -> None:
         directory = os.path.dirname(os.path.abspath(prefix))
         if not os.path.isdir(directory):
             raise DataError(f"--output-prefix {prefix}: the directory {directory} does not exist")
+        for path in remove_stale_temporary_outputs(prefix, outputs):
+            logger.info("removed %s (left by a run that was killed)", path)
         module = indexed_dataset_module()
         self.prefix = prefix
         self.outputs = list(outputs)
@@ -98,8 +129,15 @@ class IndexedDatasetWriter:
             The number of documents added.
 
         Raises:
-            DataError: a token id outside ``[0, vocab_size)`` (the tokenizer and the vocabulary size disagree).
+            DataError: a token id outside ``[0, vocab_size)`` (the tokenizer and the vocabulary size disagree), or
+                the output cannot be written (full disk, file-size limit; the temporary files are removed).
         """
+        try:
+            return self._add_chunk(chunk)
+        except OSError as exc:
+            raise self._write_failure(exc) from None
+
+    def _add_chunk(self, chunk: EncodedChunk) -> int:
         import torch
 
         added = None
@@ -124,7 +162,8 @@ class IndexedDatasetWriter:
             Output name -> final path prefix of its dataset.
 
         Raises:
-            DataError: a dataset does not load back with the expected number of documents.
+            DataError: a dataset does not load back with the expected number of documents, or the output cannot
+                be written (full disk, file-size limit); nothing is left behind.
         """
         module = indexed_dataset_module()
         try:
@@ -143,6 +182,8 @@ class IndexedDatasetWriter:
                 os.replace(source, target)
                 self._moved.append(target)
             self._done = True
+        except OSError as exc:
+            raise self._write_failure(exc) from None
         except BaseException:
             self.abort()
             raise
@@ -153,6 +194,19 @@ class IndexedDatasetWriter:
                 self.abort()
                 raise DataError(f"{path}: wrote {self.documents} documents but {len(dataset)} load back")
         return dict(self._final)
+
+    def _write_failure(self, exc: OSError) -> DataError:
+        """Remove every file of this run and describe why writing failed, in one line naming the output."""
+        self.abort()
+        if exc.errno == errno.ENOSPC:
+            reason = "no space left on device (ENOSPC)"
+        elif exc.errno == errno.EFBIG:
+            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            reason = (f"file size limit of {limit} bytes (RLIMIT_FSIZE, ulimit -f) exceeded (EFBIG)"
+                      if limit != resource.RLIM_INFINITY else "file too large for the file system (EFBIG)")
+        else:
+            reason = exc.strerror or str(exc)
+        return DataError(f"--output-prefix {self.prefix}: cannot write ({reason}); no dataset was written")
 
     def abort(self) -> None:
         """Close and delete every temporary file, and any file a failed :meth:`commit` already moved into place."""

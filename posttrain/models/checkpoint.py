@@ -37,6 +37,7 @@ from posttrain.models.provider import (
     parse_hf_config,
     unwrap_model,
 )
+from posttrain.processes import bind_checkpoint_writer_manager
 
 META_FILE = "posttrain_checkpoint.json"
 MODEL_SUBDIR = "model"
@@ -280,6 +281,7 @@ def save_model_checkpoint(model: torch.nn.Module, directory: str | Path, *, hf_c
         if _rank() == 0:
             (target / MODEL_SUBDIR).mkdir(parents=True, exist_ok=True)
         _barrier()
+        bind_checkpoint_writer_manager()  # its writer processes die with this one (posttrain.processes)
         dist_checkpointing.save(model_sharded_state_dict(model), str(target / MODEL_SUBDIR))
         if _rank() == 0:
             meta = {

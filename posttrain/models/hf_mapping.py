@@ -405,7 +405,7 @@ def hf_to_mcore(reader: HFCheckpointReader, arch: ArchSpec, model_kind: str, pad
     for rule in rules:
         state[rule.mcore] = rule.to_mcore([reader.get(name).to(dtype) for name in rule.hf])
     if model_kind == "value" and include_value_head and not bias:
-        state["value_head.linear.bias"] = torch.zeros(1, dtype=dtype)
+        state["value_head.linear.bias"] = torch.zeros(1, dtype=dtype, device="cpu")
     return state
 
 

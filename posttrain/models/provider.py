@@ -179,6 +179,22 @@ class ArchSpec:
         return self.num_experts is not None
 
 
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "num_local_experts", "num_experts", "num_experts_per_tok",
+                "moe_intermediate_size")
+
+
+def _check_size(model_type: Optional[str], name: str, value: Any) -> int:
+    """``value`` as an int when it is an integer >= 1.
+
+    Raises:
+        ModelConfigError: otherwise (naming the config field).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise ModelConfigError(f"{model_type} config: {name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def parse_hf_config(hf_config: dict) -> ArchSpec:
     """Read and validate the architecture of an HF config.
 
@@ -191,7 +207,11 @@ def parse_hf_config(hf_config: dict) -> ArchSpec:
     Raises:
         UnsupportedModelError: unsupported ``model_type``, activation, bias layout, RoPE scaling type, sliding
             window attention, or MoE router detail (one line naming the field).
+        ModelConfigError: a size field (``hidden_size``, ``num_attention_heads``, ...) that is not an integer >= 1.
     """
+    for name in _SIZE_FIELDS:  # before transformers divides by them
+        if hf_config.get(name) is not None:
+            _check_size(hf_config.get("model_type"), name, hf_config[name])
     cfg = _normalized(hf_config)
     model_type = hf_config["model_type"]
 
@@ -199,6 +219,9 @@ def parse_hf_config(hf_config: dict) -> ArchSpec:
         if cfg.get(name) is None:
             raise UnsupportedModelError(f"{model_type} config has no {name!r}")
         return cfg[name]
+
+    def size(name: str) -> int:
+        return _check_size(model_type, name, need(name))
 
     if cfg.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"hidden_act {cfg['hidden_act']!r} is not supported (only 'silu' / SwiGLU)")
@@ -209,8 +232,8 @@ def parse_hf_config(hf_config: dict) -> ArchSpec:
     if cfg.get("use_sliding_window") or (model_type == "mixtral" and cfg.get("sliding_window")):
         raise UnsupportedModelError(f"sliding-window attention (sliding_window={cfg.get('sliding_window')}) "
                                     "is not supported")
-    hidden = int(need("hidden_size"))
-    heads = int(need("num_attention_heads"))
+    hidden = size("hidden_size")
+    heads = size("num_attention_heads")
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     head_dim = cfg.get("head_dim") or hidden // heads
     if kv_heads <= 0 or heads % kv_heads:
@@ -227,18 +250,18 @@ def parse_hf_config(hf_config: dict) -> ArchSpec:
     if theta is None:
         raise UnsupportedModelError(f"{model_type} config has no rope_theta")
 
-    num_layers = int(need("num_hidden_layers"))
+    num_layers = size("num_hidden_layers")
     num_experts = None
     moe_topk, moe_ffn, shared_ffn, shared_gate, pre_softmax, pattern = 0, None, None, False, False, None
     if model_type == "mixtral":
-        num_experts = int(need("num_local_experts"))
-        moe_topk = int(need("num_experts_per_tok"))
-        moe_ffn = int(need("intermediate_size"))
+        num_experts = size("num_local_experts")
+        moe_topk = size("num_experts_per_tok")
+        moe_ffn = size("intermediate_size")
         pattern = (1,) * num_layers
     elif model_type == "qwen2_moe":
-        num_experts = int(need("num_experts"))
-        moe_topk = int(need("num_experts_per_tok"))
-        moe_ffn = int(need("moe_intermediate_size"))
+        num_experts = size("num_experts")
+        moe_topk = size("num_experts_per_tok")
+        moe_ffn = size("moe_intermediate_size")
         shared_ffn = int(cfg.get("shared_expert_intermediate_size") or 0) or None
         if shared_ffn is None:
             raise UnsupportedModelError("qwen2_moe shared_expert_intermediate_size = 0 is not supported")
@@ -259,8 +282,8 @@ def parse_hf_config(hf_config: dict) -> ArchSpec:
         num_attention_heads=heads,
         num_query_groups=kv_heads,
         kv_channels=int(head_dim),
-        ffn_hidden_size=int(need("intermediate_size")),
-        vocab_size=int(need("vocab_size")),
+        ffn_hidden_size=size("intermediate_size"),
+        vocab_size=size("vocab_size"),
         max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
         norm_eps=float(cfg.get("rms_norm_eps") or 1e-6),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -641,9 +664,10 @@ def _set_llama3_inv_freq(model, arch: ArchSpec) -> None:
     if rotary is None:
         return
     dim = arch.kv_channels
-    base = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    base = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rotary.inv_freq.device)
+                                      / dim))
     rotary.inv_freq = rotary._apply_scaling(
-        base.to(rotary.inv_freq.device), factor=arch.rope_factor, low_freq_factor=arch.rope_low_freq_factor,
+        base, factor=arch.rope_factor, low_freq_factor=arch.rope_low_freq_factor,
         high_freq_factor=arch.rope_high_freq_factor,
         original_max_position_embeddings=arch.rope_original_max_position_embeddings)
 

@@ -27,19 +27,23 @@ class ValueHead(torch.nn.Module):
         hidden_size: input width.
         init_std: standard deviation of the normal initialisation of ``w`` (``b`` starts at 0).
         seed: seed of the private generator used for ``w`` (same value on every rank).
+
+    The head is created on the CPU and drawn from a CPU generator, so its initial weights are the same on every
+    device; :class:`GPTValueModel` moves it to the model's device.
     """
 
     def __init__(self, hidden_size: int, init_std: float = 0.02, seed: int = 1234):
         super().__init__()
-        self.linear = torch.nn.Linear(hidden_size, 1, bias=True, dtype=torch.float32)
+        # drawn on the host from a CPU generator (the same weights on every device); the model moves it after
+        self.linear = torch.nn.Linear(hidden_size, 1, bias=True, dtype=torch.float32, device="cpu")
         self.reset_parameters(init_std, seed)
 
     @torch.no_grad()
     def reset_parameters(self, init_std: float = 0.02, seed: int = 1234) -> None:
         """Re-draw the weight from ``N(0, init_std^2)`` with a generator seeded by ``seed``; zero the bias."""
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        weight = torch.randn(self.linear.weight.shape, generator=generator, dtype=torch.float32) * init_std
-        self.linear.weight.copy_(weight)
+        weight = torch.randn(self.linear.weight.shape, generator=generator, dtype=torch.float32, device="cpu")
+        self.linear.weight.copy_(weight * init_std)
         self.linear.bias.zero_()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -201,7 +201,7 @@ def collate_pairs(pairs: Sequence[RewardPair], pad_token_id: int, length: Option
     Returns:
         ``input_ids`` int64 ``[2b, s]`` (rows ``0..b-1`` chosen, ``b..2b-1`` rejected), ``attention_mask`` int64
         ``[2b, s]`` (1 on real tokens), ``response_mask`` int64 ``[2b, s]`` (1 on response tokens), ``margin``
-        float32 ``[b]``, ``weights`` float32 ``[b]``.
+        float32 ``[b]``, ``weights`` float32 ``[b]``; all on the CPU (the trainer moves each micro-batch once).
 
     Raises:
         ValueError: no pairs, or a row longer than ``length``.
@@ -213,15 +213,16 @@ def collate_pairs(pairs: Sequence[RewardPair], pad_token_id: int, length: Option
     width = longest if length is None else int(length)
     if longest > width:
         raise ValueError(f"a sequence has {longest} tokens, more than the padded length {width}")
-    input_ids = torch.full((len(rows), width), int(pad_token_id), dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    input_ids = torch.full((len(rows), width), int(pad_token_id), dtype=torch.long, device="cpu")
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
     prompt_lengths = [p.prompt_length for p in pairs] * 2
     for k, row in enumerate(rows):
         input_ids[k, :row.shape[0]] = row.to(torch.long)
         attention_mask[k, :row.shape[0]] = 1
         response_mask[k, prompt_lengths[k]:row.shape[0]] = 1
-    margin = torch.tensor([float(p.margin) for p in pairs], dtype=torch.float32)
-    w = torch.ones(len(pairs)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    margin = torch.tensor([float(p.margin) for p in pairs], dtype=torch.float32, device="cpu")
+    w = (torch.ones(len(pairs), device="cpu") if weights is None
+         else torch.as_tensor(weights, dtype=torch.float32, device="cpu"))
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
             "margin": margin, "weights": w}

@@ -43,6 +43,7 @@ from posttrain.models.checkpoint import (
     load_model_checkpoint,
     save_model_checkpoint,
 )
+from posttrain.processes import bind_checkpoint_writer_manager
 from posttrain.training.slots import ModelSlot
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -138,6 +139,7 @@ def save_optimizer_state(directory: Path, slot: ModelSlot) -> None:
     model_sd = slot.ddp.sharded_state_dict()
     state = {"optimizer": slot.optimizer.sharded_state_dict(model_sd, metadata=_OPTIMIZER_METADATA),
              "scheduler": slot.scheduler.state_dict()}
+    bind_checkpoint_writer_manager()
     dist_checkpointing.save(state, str(directory))
 
 

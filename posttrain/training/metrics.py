@@ -6,7 +6,7 @@
 * :class:`MetricsLogger` writes what rank 0 sees: console lines, ``<save>/metrics.jsonl`` (one JSON object per
   iteration), ``<save>/samples.jsonl`` (text samples), TensorBoard scalars and text, and optionally Weights &
   Biases (``--wandb-project``; ``WANDB_MODE=offline`` works without a network).
-* :class:`Timer`: wall-clock seconds per named phase.
+* :class:`Timer`: wall-clock seconds per named phase (CUDA work included: it synchronises at phase boundaries).
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class MetricAccumulator:
         names = sorted(self._num)
         totals = sorted(self._totals)
         vector = torch.tensor([self._num[k] for k in names] + [self._den[k] for k in names]
-                              + [self._totals[k] for k in totals], dtype=torch.float64)
+                              + [self._totals[k] for k in totals], dtype=torch.float64, device="cpu")
         if sum_fn is not None and vector.numel():
             vector = sum_fn(vector)
         values = vector.tolist()
@@ -89,7 +89,7 @@ class MetricAccumulator:
             out[name] = values[2 * n + i]
         maxima = sorted(self._maxima)
         if maxima:
-            vector = torch.tensor([self._maxima[k] for k in maxima], dtype=torch.float64)
+            vector = torch.tensor([self._maxima[k] for k in maxima], dtype=torch.float64, device="cpu")
             if max_fn is not None:
                 vector = max_fn(vector)
             out.update(zip(maxima, vector.tolist()))
@@ -196,8 +196,19 @@ def _cell(value) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def synchronize_cuda() -> None:
+    """Wait for every queued CUDA kernel of this process's current device; a no-op when CUDA is not in use
+    (absent, or never initialised by this process)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class Timer:
-    """Wall-clock seconds per named phase: ``with timer("generate"): ...``; :meth:`pop` returns and resets."""
+    """Wall-clock seconds per named phase: ``with timer("generate"): ...``; :meth:`pop` returns and resets.
+
+    CUDA kernels run asynchronously: the clock is read only after :func:`synchronize_cuda` at the start and at the
+    end of every phase, so a phase is charged for the GPU work it queued, not for that of the phase before it.
+    """
 
     def __init__(self):
         self.times: dict[str, float] = {}
@@ -215,8 +226,10 @@ class _Phase:
         self.timer, self.name = timer, name
 
     def __enter__(self):
+        synchronize_cuda()
         self.start = time.perf_counter()
 
     def __exit__(self, *exc):
+        synchronize_cuda()
         self.timer.times[self.name] = self.timer.times.get(self.name, 0.0) + time.perf_counter() - self.start
         return False

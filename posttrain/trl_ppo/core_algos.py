@@ -1587,8 +1587,9 @@ def vanilla_policy_loss(
         means over valid tokens): ``pg_loss`` (the weighted loss aggregated over this batch with local
         counts), ``abs_pg_loss`` (MindSpeed-LLM: mean of ``max(|l1|, |l2|)``, unweighted), ``ppo_ratio``
         (mean ``r``), ``ppo_ratio_clamped`` (mean clipped ``r``), ``pg_clipfrac`` (fraction with
-        ``l2 > l1``), ``pg_clipfrac_lower`` (fraction capped by dual-clip), ``approx_kl`` (TRL:
-        ``0.5 * mean((log_probs - old_log_probs)**2)``), ``ppo_kl`` (verl: ``mean(old_log_probs - log_probs)``).
+        ``l2 > l1``), ``pg_clipfrac_lower`` (fraction capped by dual-clip), ``approx_kl`` (TRL's estimator
+        ``0.5 * mean((log_probs - old_log_probs)**2)``, here over valid tokens; TRL averages over the padded
+        buffer, see docs/trl_ppo.md), ``ppo_kl`` (verl: ``mean(old_log_probs - log_probs)``).
 
     Raises:
         ValueError: on shape mismatches, a bad mask, an invalid clip setting or aggregation mode, or

@@ -162,8 +162,9 @@ class PtxMicroBatch:
     def from_documents(docs: Sequence[torch.Tensor], seq_len: int, pad_token_id: int,
                        device: torch.device) -> "PtxMicroBatch":
         """Right-pad ``docs`` (each cut to ``seq_len`` tokens) into one micro-batch on ``device``."""
-        ids = torch.full((len(docs), seq_len), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(docs), seq_len), dtype=torch.long)
+        # built on the host row by row, then moved in one transfer per tensor
+        ids = torch.full((len(docs), seq_len), pad_token_id, dtype=torch.long, device="cpu")
+        mask = torch.zeros((len(docs), seq_len), dtype=torch.long, device="cpu")
         for row, doc in enumerate(docs):
             doc = doc[:seq_len]
             ids[row, :doc.numel()] = doc

@@ -128,7 +128,7 @@ class RewardFunction:
                 raise RewardFunctionError(f"--reward-function {self.spec} returned {value} for row {row} "
                                           f"{where}".rstrip())
             scores.append(value)
-        return torch.tensor(scores, dtype=torch.float32)
+        return torch.tensor(scores, dtype=torch.float32, device="cpu")
 
 
 class PPOModels:

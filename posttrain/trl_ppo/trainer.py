@@ -234,7 +234,7 @@ class PPOTrainer:
         if not prompts:
             raise ArgumentError(f"iteration {iteration + 1}: every prompt of this rank's batch is longer than "
                                 f"--max-prompt-length {limit} (--prompt-truncation skip)")
-        return prompts, torch.tensor(groups, dtype=torch.long)
+        return prompts, torch.tensor(groups, dtype=torch.long, device="cpu")
 
     def _seed(self, iteration: int, salt: int = 0) -> int:
         """The seed of an iteration's random draws: from ``--seed``, the iteration and the DP rank (identical on
@@ -471,11 +471,12 @@ class PPOTrainer:
         """Pretraining micro-batches for one actor step (as many as PPO micro-batches), ``seq_len`` tokens."""
         local_mini = (self.args.ppo_mini_batch_size or self.args.rollout_size) // parallel.dp_world_size()
         mbs = self.args.micro_batch_size
-        generator = torch.Generator().manual_seed(self._seed(iteration, salt=7919 + mini_index))
+        generator = torch.Generator(device="cpu").manual_seed(self._seed(iteration, salt=7919 + mini_index))
         n = len(self.ptx_dataset)
         micro = []
         for _ in range(local_mini // mbs):
-            docs = [self.ptx_dataset[int(torch.randint(n, (1,), generator=generator))] for _ in range(mbs)]
+            docs = [self.ptx_dataset[int(torch.randint(n, (1,), generator=generator, device="cpu"))]
+                    for _ in range(mbs)]
             micro.append(PtxMicroBatch.from_documents(docs, seq_len, self.pad_id, self.device))
         return micro
 
@@ -615,8 +616,8 @@ class PPOTrainer:
             # the forwards need micro-batch-sized pieces: pad the chunk with repeats, weighted 0
             pad_to = -(-len(part) // self.args.micro_batch_size) * self.args.micro_batch_size
             padded = part + [part[-1]] * (pad_to - len(part))
-            batch = self.generate_phase(padded, torch.arange(len(padded)), self.iteration, sampling=sampling,
-                                        salt=EVAL_SEED_SALT)
+            batch = self.generate_phase(padded, torch.arange(len(padded), device="cpu"), self.iteration,
+                                        sampling=sampling, salt=EVAL_SEED_SALT)
             real = slice(0, len(part))
             scores = self.score(batch, where="in validation")[real].double()
             r = batch.response_len

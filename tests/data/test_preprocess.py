@@ -10,6 +10,7 @@ import filecmp
 import io
 import json
 import re
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -466,6 +467,48 @@ def test_failed_run_keeps_previous_dataset(capsys, tmp_path, shared_data, exampl
     assert {s: Path(f"{tmp_path / 'ds'}{s}").read_bytes() for s in OUTPUT_SUFFIXES} == before
     assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == []
     assert_docs_equal(tmp_path / "ds", expected_ids(tok, "empty", [alpaca_prompt(r) for r in alpaca_rows[:50]]))
+
+
+def test_temporaries_of_killed_runs_for_the_same_prefix_are_removed_at_start(capsys, tmp_path, shared_data,
+                                                                               example_model_dir):
+    """A run killed with SIGKILL leaves ``<dataset>.bin.tmp-<pid>`` files; the next run writing the same prefix
+    removes those whose process is gone, and nothing else."""
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    dead, alive = finished.pid, running.pid
+    stale = [f"ds_packed_input_ids_document.bin.tmp-{dead}", f"ds_packed_input_ids_document.idx.tmp-{dead}",
+             f"ds_packed_attention_mask_document.bin.tmp-{dead}", f"ds_meta.json.tmp-{dead}"]
+    kept = [f"ds_packed_input_ids_document.bin.tmp-{alive}",   # a run still writing
+            f"other_packed_input_ids_document.bin.tmp-{dead}",  # another prefix
+            f"ds_notes.txt.tmp-{dead}"]                         # not a file this writer makes
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"partial")
+    try:
+        preprocess(capsys, example_model_dir, shared_data / "alpaca_en_800.parquet", tmp_path / "ds", "empty", 1,
+                   "--max-samples", 4)
+    finally:
+        running.kill()
+        running.wait()
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" in p.name) == sorted(kept)
+    assert len(read_docs(tmp_path / "ds")) == 4
+
+
+def test_an_output_that_cannot_be_written_is_one_line_naming_the_prefix(tmp_path, shared_data, example_model_dir):
+    """Writes past the file-size limit (``ulimit -f``, 20,000 bytes here) fail with EFBIG, as a full disk fails with
+    ENOSPC: one ``error:`` line naming ``--output-prefix`` and the cause; every file of the run removed."""
+    limit = 20_000
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, REPO / "preprocess_data.py", "--input",
+                           shared_data / "alpaca_en_800.parquet", "--tokenizer-name-or-path", example_model_dir,
+                           "--output-prefix", tmp_path / "ds"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size)
+    line = assert_failed_cleanly(proc.returncode, proc.stderr, tmp_path / "ds", f"--output-prefix {tmp_path / 'ds'}",
+                                 "EFBIG", f"{limit} bytes")
+    assert line.endswith("no dataset was written")
 
 
 def test_command_line_script(tmp_path, shared_data, example_model_dir):

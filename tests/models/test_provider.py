@@ -722,3 +722,47 @@ def test_bf16_models_and_checkpoints(tiny, work, tiny_batch):
     for (name, a), (_, b) in zip(unwrap_model(bf16).state_dict().items(), fp32.state_dict().items()):
         if isinstance(a, torch.Tensor):
             assert b.dtype == torch.float32 and torch.equal(a.float(), b), name
+
+
+TINY_LLAMA_CONFIG = dict(model_type="llama", vocab_size=300, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    (dict(hidden_act="gelu"), "UnsupportedModelError", "hidden_act 'gelu' is not supported"),
+    (dict(attention_bias=True), "UnsupportedModelError", "llama attention_bias / mlp_bias = true is not supported"),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=64), "UnsupportedModelError",
+     "sliding-window attention (sliding_window=64) is not supported"),
+    (dict(num_key_value_heads=3), "UnsupportedModelError",
+     "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}), "UnsupportedModelError",
+     "rope_type 'yarn' is not supported (supported: default, llama3, linear)"),
+    (dict(num_attention_heads=0), "ModelConfigError",
+     "llama config: num_attention_heads must be an integer >= 1, got 0"),
+    (dict(hidden_size=-64), "ModelConfigError", "llama config: hidden_size must be an integer >= 1, got -64"),
+], ids=["activation", "llama-bias", "sliding-window", "kv-heads", "rope-type", "zero-heads", "negative-hidden"])
+def test_unsupported_or_invalid_configs_are_named_in_one_line(changes, error, message):
+    from posttrain.models import provider
+
+    with pytest.raises(getattr(provider, error)) as info:
+        provider.parse_hf_config({**TINY_LLAMA_CONFIG, **changes})
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_a_config_file_that_is_not_a_model_config_is_named(tmp_path):
+    from posttrain.models.provider import ModelConfigError, load_hf_config
+
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelConfigError, match="config.json: not a valid JSON file"):
+        load_hf_config(tmp_path)
+    (tmp_path / "config.json").write_text('{"hidden_size": 64}')
+    with pytest.raises(ModelConfigError, match="config.json: no 'model_type' field"):
+        load_hf_config(tmp_path)
+
+
+def test_expert_parallelism_of_a_dense_model_is_refused():
+    from posttrain.models.provider import ParallelLayoutError, parse_hf_config, validate_parallel_layout
+
+    with pytest.raises(ParallelLayoutError, match="--expert-model-parallel-size 2 needs a mixture-of-experts model "
+                                                  r"\(llama is dense\)"):
+        validate_parallel_layout(parse_hf_config(TINY_LLAMA_CONFIG), 1, 1, 2)

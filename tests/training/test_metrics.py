@@ -116,3 +116,28 @@ def test_timer_accumulates_named_phases():
         pass
     times = timer.pop()
     assert set(times) == {"a", "b"} and all(v >= 0 for v in times.values()) and timer.pop() == {}
+
+
+def test_timer_synchronises_cuda_at_both_phase_boundaries_when_cuda_is_in_use(monkeypatch):
+    events = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: events.append("synchronize"))
+    timer = Timer()
+    with timer("generate"):
+        events.append("work")
+    assert events == ["synchronize", "work", "synchronize"]
+
+
+@pytest.mark.parametrize("available, initialized", [(False, False), (True, False)], ids=["no-cuda", "cuda-unused"])
+def test_timer_does_not_touch_cuda_when_it_is_not_in_use(monkeypatch, available, initialized):
+    def synchronize(*args, **kwargs):
+        raise AssertionError("synchronize called")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    timer = Timer()
+    with timer("train"):
+        pass
+    assert set(timer.pop()) == {"train"}

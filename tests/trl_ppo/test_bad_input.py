@@ -1,5 +1,6 @@
 """Bad input to ``--stage trl_ppo`` is caught before anything is built: every coefficient where the flags are
 parsed, and the user's reward function by a probe call and at every call (type, length, finiteness, exceptions)."""
+import re
 import subprocess
 import sys
 
@@ -37,6 +38,40 @@ def parse(extra):
 def test_every_coefficient_is_checked_where_the_flags_are_parsed(extra, flag):
     with pytest.raises(ArgumentError, match=flag):
         parse(extra)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ref-model", "ACTOR", "--data-path", "DATA"], "give --reward-model, --reward-function, or both"),
+    (BASE + ["--ptx-coef", "0.1"], "--ptx-coef needs --pretrain-data-path"),
+    (BASE + ["--lr", "1e-5", "--min-lr", "1e-4", "--lr-decay-style", "cosine"],
+     "--min-lr 0.0001 is larger than --lr 1e-05"),
+], ids=["no-reward", "ptx-without-data", "min-lr-above-lr"])
+def test_flag_combinations_are_checked_where_the_flags_are_parsed(argv, message):
+    with pytest.raises(ArgumentError) as info:
+        [dataclass_from_args(cls, build_parser().parse_args(argv)) for cls, _ in ARG_GROUPS]
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("extra, dp, message", [
+    (["--global-batch-size", "4"], 3, "--global-batch-size 4 is not divisible by the data-parallel size 3"),
+    (["--global-batch-size", "4", "--ppo-mini-batch-size", "3"], 1,
+     "--ppo-mini-batch-size 3 does not divide the rollout of 4 sequences"),
+    (["--global-batch-size", "4", "--micro-batch-size", "2", "--ppo-mini-batch-size", "2"], 2,
+     "--ppo-mini-batch-size 2 is not divisible by data-parallel size 2 x --micro-batch-size 2"),
+], ids=["global-batch", "mini-batch-vs-rollout", "mini-batch-vs-dp"])
+def test_batch_sizes_are_checked_against_the_data_parallel_size(extra, dp, message):
+    ppo = parse(extra)[0]
+    with pytest.raises(ArgumentError, match=re.escape(message)):
+        ppo.check_layout(dp)
+
+
+def test_an_actor_without_an_eos_token_needs_stop_token_ids():
+    from posttrain.trl_ppo.models import PPOModels
+
+    with pytest.raises(ArgumentError, match="no EOS id in the dataset metadata or the actor's config: give "
+                                            "--stop-token-ids"):
+        PPOModels._special_tokens({"vocab_size": 300}, None, None, [])
+    assert PPOModels._special_tokens({"vocab_size": 300}, None, None, [7]) == ([7], 7)
 
 
 def test_the_command_line_fails_in_one_line_before_building_or_writing_anything(tmp_path):

@@ -787,6 +787,24 @@ def test_vanilla_policy_loss_matches_direct_formula(low, high, c):
     )
 
 
+def test_approx_kl_and_ratio_relate_to_trls_padded_buffer_means_as_documented():
+    """docs/trl_ppo.md: TRL fills new and old log-probs with 1.0 at padded positions and averages over the whole
+    buffer, which equals ``f * approx_kl`` and ``1 + f * (ppo_ratio - 1)`` with ``f`` the valid fraction."""
+    g = gen(23)
+    old = -3 * torch.rand(4, 6, generator=g, dtype=torch.float64)
+    new = old + 0.5 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    mask = lengths_mask([6, 2, 4, 1], 6)
+    _, metrics = ca.compute_policy_loss("vanilla", new, old, torch.randn(4, 6, generator=g, dtype=torch.float64),
+                                        mask)
+    padding = ~mask.bool()
+    diff = new.masked_fill(padding, 1.0) - old.masked_fill(padding, 1.0)  # TRL's INVALID_LOGPROB
+    trl_approxkl, trl_ratio = 0.5 * (diff ** 2).mean().item(), diff.exp().mean().item()
+    f = 13 / 24
+    assert trl_approxkl == pytest.approx(f * metrics["approx_kl"].item(), rel=1e-12)
+    assert trl_ratio == pytest.approx(1 + f * (metrics["ppo_ratio"].item() - 1), rel=1e-12)
+    assert metrics["approx_kl"].item() > trl_approxkl  # padding only ever shrinks TRL's value
+
+
 def test_ratio_of_one_gives_no_clipping():
     g = gen(20)
     logp = -torch.rand(5, 7, generator=g)
