@@ -12,7 +12,12 @@ plain torch ops over the same parameter tensors (no copies: a weight update is s
   key and one value head; RoPE is non-interleaved and applied at each token's absolute index in the padded row
   (as megatron-core does, ignoring ``position_ids``); masked attention scores are -10000 before the softmax, as
   megatron's local attention writes them;
-* a static key/value cache ``[layers, batch, groups, max_len, head_dim]`` written in place.
+* a static key/value cache ``[layers, batch, groups, max_len, head_dim]`` written in place;
+* matrix products through oneDNN with weights packed once per rollout (``torch.ops.mkldnn``, the kernels torch's
+  own CPU compiler uses): a decoding step multiplies a few rows by every weight matrix, a shape for which the
+  default BLAS streams the weights from memory at a fraction of the bandwidth oneDNN reaches (on the 2-core
+  machine of docs/performance.md, 4.6 against 12-16 GB/s). The packed copy (one more copy of the weights) lives
+  as long as the decoder. Without oneDNN the weights are used as they are.
 
 It is chosen by :func:`posttrain.trl_ppo.rollout.generate` only where it applies (:meth:`LeanDecoder.supports`:
 no CUDA, one tensor- and one pipeline-parallel rank, a dense model with megatron's local layers); everything else
@@ -33,15 +38,36 @@ MASKED_SCORE = -10000.0
 """The attention score megatron-core's local attention gives masked keys (``attention_mask_func``)."""
 
 
+class _Linear:
+    """``y = x W^T (+ b)`` with ``W`` packed for oneDNN when it is available (see the module docstring)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int):
+        self.bias = bias
+        self.out_features = weight.shape[0]
+        self.packed = None
+        if _ONEDNN:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+        self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
 @dataclass
 class _Layer:
     input_norm: torch.Tensor
-    qkv_weight: torch.Tensor
-    qkv_bias: Optional[torch.Tensor]
-    proj_weight: torch.Tensor
+    qkv: _Linear
+    proj: _Linear
     mlp_norm: torch.Tensor
-    fc1_weight: torch.Tensor
-    fc2_weight: torch.Tensor
+    fc1: _Linear
+    fc2: _Linear
 
 
 class LeanDecoder:
@@ -62,18 +88,20 @@ class LeanDecoder:
         self.head_dim = config.kv_channels
         self.scale = inner.decoder.layers[0].self_attention.core_attention.softmax_scale
         self.embedding = inner.embedding.word_embeddings.weight
-        self.output_weight = (inner.shared_embedding_or_output_weight() if inner.share_embeddings_and_output_weights
-                              else inner.output_layer.weight)
+        output_weight = (inner.shared_embedding_or_output_weight() if inner.share_embeddings_and_output_weights
+                         else inner.output_layer.weight)
+        self.output = _Linear(output_weight, None, batch)
         self.final_norm = inner.decoder.final_layernorm.weight
         self.layers = []
         for layer in inner.decoder.layers:
             attention, mlp = layer.self_attention, layer.mlp
+            qkv_bias = attention.linear_qkv.bias
             self.layers.append(_Layer(
-                input_norm=layer.input_layernorm.weight, qkv_weight=attention.linear_qkv.weight,
-                qkv_bias=attention.linear_qkv.bias if attention.linear_qkv.bias is not None
-                and attention.linear_qkv.bias.numel() else None,
-                proj_weight=attention.linear_proj.weight, mlp_norm=layer.pre_mlp_layernorm.weight,
-                fc1_weight=mlp.linear_fc1.weight, fc2_weight=mlp.linear_fc2.weight))
+                input_norm=layer.input_layernorm.weight,
+                qkv=_Linear(attention.linear_qkv.weight, qkv_bias if qkv_bias is not None and qkv_bias.numel()
+                            else None, batch),
+                proj=_Linear(attention.linear_proj.weight, None, batch), mlp_norm=layer.pre_mlp_layernorm.weight,
+                fc1=_Linear(mlp.linear_fc1.weight, None, batch), fc2=_Linear(mlp.linear_fc2.weight, None, batch)))
         rotary = inner.rotary_pos_emb
         positions = torch.arange(max_len, dtype=rotary.inv_freq.dtype, device=rotary.inv_freq.device)
         if rotary.seq_len_interpolation_factor is not None:
@@ -118,7 +146,7 @@ class LeanDecoder:
         """
         b, s, _ = x.shape
         per_group = self.heads // self.groups
-        qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
+        qkv = layer.qkv(x)
         qkv = qkv.view(b, s, self.groups, (per_group + 2) * self.head_dim)
         q, k, v = qkv.split([per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
         q = q.reshape(b, s, self.heads, self.head_dim).transpose(1, 2)  # [b, heads, s, d]
@@ -137,7 +165,7 @@ class LeanDecoder:
         probs = torch.softmax(scores, dim=-1).view(b, self.groups, per_group * s, start + s)
         context = torch.matmul(probs, values).view(b, self.heads, s, self.head_dim)
         context = context.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
-        return F.linear(context, layer.proj_weight)
+        return layer.proj(context)
 
     def _forward(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         """Run the layers over ``hidden`` ``[b, s, h]``; returns fp32 logits ``[b, V_padded]`` of the last position."""
@@ -146,11 +174,11 @@ class LeanDecoder:
             normed = F.rms_norm(hidden, shape, layer.input_norm, self.eps)
             hidden = hidden + self._attention(index, layer, normed, key_mask)
             normed = F.rms_norm(hidden, shape, layer.mlp_norm, self.eps)
-            gate, up = F.linear(normed, layer.fc1_weight).chunk(2, dim=-1)
-            hidden = hidden + F.linear(F.silu(gate) * up, layer.fc2_weight)
+            gate, up = layer.fc1(normed).chunk(2, dim=-1)
+            hidden = hidden + layer.fc2(F.silu(gate) * up)
         self.length += hidden.shape[1]
         last = F.rms_norm(hidden[:, -1], shape, self.final_norm, self.eps)
-        return F.linear(last, self.output_weight).float()
+        return self.output(last).float()
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

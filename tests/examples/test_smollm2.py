@@ -22,7 +22,9 @@ def test_smollm2_ppo_example_runs_two_iterations_at_dp2(tmp_path, example_model_
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     records = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records] == [1, 2]
+    assert [r["iteration"] for r in records] == [0, 1, 2]  # validation before the first update, then training
+    assert set(records[0]) >= {"eval/score_mean", "eval/score_stderr", "eval/kl"}
+    records = records[1:]
     for record in records:
         for key in REQUIRED_METRICS:
             assert isinstance(record[key], float) and math.isfinite(record[key]), (record["iteration"], key)
