@@ -197,6 +197,24 @@ def enter_thread() -> None:
     _THREAD_STATE.mode = mode
 
 
+@contextlib.contextmanager
+def suspended():
+    """Leave :class:`CudaToCpuMode` for the duration of a block in the calling thread (no-op when not entered).
+
+    For code that never asks for CUDA (plain torch ops on CPU tensors, e.g. the lean rollout decoder): it is
+    spared the mode's Python call on every op.
+    """
+    mode = getattr(_THREAD_STATE, "mode", None)
+    if mode is None:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
+
+
 def activate() -> bool:
     """Adapt megatron-core to CPU torch if, and only if, CUDA is absent (idempotent).
 

@@ -13,6 +13,8 @@ plain torch ops over the same parameter tensors (no copies: a weight update is s
   (as megatron-core does, ignoring ``position_ids``); masked attention scores are -10000 before the softmax, as
   megatron's local attention writes them;
 * a static key/value cache ``[layers, batch, groups, max_len, head_dim]`` written in place;
+* outside the CPU adaptation's global torch-function mode (:func:`posttrain.cpu_backend.suspended`): nothing here
+  asks for CUDA, so no op needs rewriting;
 * matrix products through oneDNN with weights packed once per rollout (``torch.ops.mkldnn``, the kernels torch's
   own CPU compiler uses): a decoding step multiplies a few rows by every weight matrix, a shape for which the
   default BLAS streams the weights from memory at a fraction of the bandwidth oneDNN reaches (on the 2-core
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 
+from posttrain import cpu_backend
 from posttrain.models.provider import model_info, unwrap_model
 
 MASKED_SCORE = -10000.0
@@ -181,6 +184,7 @@ class LeanDecoder:
         return self.output(last).float()
 
     @torch.no_grad()
+    @cpu_backend.suspended()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Encode left-padded prompts into the cache.
 
@@ -195,6 +199,7 @@ class LeanDecoder:
         return self._forward(F.embedding(input_ids, self.embedding), attention_mask)
 
     @torch.no_grad()
+    @cpu_backend.suspended()
     def step(self, tokens: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         """Append one token per row.
 
