@@ -49,7 +49,12 @@ class _Linear:
         self.out_features = weight.shape[0]
         self.packed = None
         if _ONEDNN:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+            except RuntimeError:
+                # oneDNN packs bf16 weights only on CPUs with AVX512-BW/VL/DQ or AVX-NE-CONVERT; elsewhere the
+                # product stays with F.linear.
+                self.packed = None
         self.weight = weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
