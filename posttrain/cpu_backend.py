@@ -253,8 +253,8 @@ def bf16_matmul_speedup(m: int = 512, k: int = 576, n: int = 1536, repeats: int 
 
     times = {}
     for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(m, k).to(dtype)
-        b = torch.randn(k, n).to(dtype)
+        a = torch.randn(m, k, device="cpu").to(dtype)
+        b = torch.randn(k, n, device="cpu").to(dtype)
         start = time.perf_counter()
         a @ b  # warm-up
         best = time.perf_counter() - start

@@ -4,7 +4,8 @@ On a CPU-only machine every tensor lands on the CPU whatever the code says, so a
 ``device=`` (``torch.zeros(n)``) passes every CPU test and then fails on a GPU with "expected all tensors to be on
 the same device". :class:`DeviceGuard` makes that visible on the CPU: while it is active, every call of a tensor
 factory (:data:`FACTORIES`) made directly from code of the ``posttrain`` package without a ``device=`` argument
-is recorded with its file and line. Frames of torch itself, of this module and of posttrain's CPU backend mode
+is recorded with its file and line, and so is every ``torch.Generator()`` made there without a device (a
+generator on the CPU cannot drive sampling on a GPU). Frames of torch itself, of this module and of posttrain's CPU backend mode
 (which sits between a caller and torch when CUDA is absent) are skipped to find the caller; a call made from
 megatron-core, transformers or any other library is not posttrain's and is not recorded. ``*_like`` and
 ``Tensor.new_*`` factories inherit their device from a tensor and are not checked.
@@ -45,6 +46,18 @@ FACTORIES = frozenset({
 })
 """Torch functions that create a tensor on the default device unless ``device=`` says otherwise."""
 
+_GENERATOR = torch.Generator
+"""The real generator class; :class:`DeviceGuard` replaces ``torch.Generator`` by a recording subclass while it is
+active (``torch.Generator`` is a class, not a function, so a torch function mode does not see it)."""
+
+
+class _GeneratorMeta(type(_GENERATOR)):
+    """Keeps ``isinstance(g, torch.Generator)`` true for generators made before the guard (``torch.default_generator``,
+    megatron-core's RNG trackers) while ``torch.Generator`` is the recording subclass."""
+
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, _GENERATOR)
+
 
 @dataclass(frozen=True)
 class Violation:
@@ -68,7 +81,8 @@ def _skipped(filename: str) -> bool:
 
 
 class DeviceGuard(TorchFunctionMode):
-    """Records factory calls from posttrain without ``device=`` (see the module docstring).
+    """Records factory calls and ``torch.Generator()`` calls from posttrain without ``device=`` (see the module
+    docstring).
 
     Use as a context manager in the thread that runs posttrain; :attr:`violations` lists what was found (each
     distinct call site once, in the order first seen). The calls themselves run unchanged.
@@ -80,14 +94,32 @@ class DeviceGuard(TorchFunctionMode):
         self._seen: set[tuple[str, int, str]] = set()
         self._lock = threading.Lock()
 
+    def __enter__(self):
+        guard = self
+
+        class Generator(_GENERATOR, metaclass=_GeneratorMeta):
+            def __new__(cls, *args, **kwargs):
+                if not args and kwargs.get("device") is None:
+                    guard._check_caller("Generator", sys._getframe(1))
+                return super().__new__(cls, *args, **kwargs)
+
+        self._outer_generator = torch.Generator
+        torch.Generator = Generator
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        torch.Generator = self._outer_generator
+        return super().__exit__(exc_type, exc_value, traceback)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in FACTORIES and kwargs.get("device") is None:
-            self._check_caller(func)
+            self._check_caller(func.__name__, sys._getframe(1))
         return func(*args, **kwargs)
 
-    def _check_caller(self, func) -> None:
-        frame = sys._getframe(2)  # past _check_caller and __torch_function__
+    def _check_caller(self, name: str, frame) -> None:
+        """Record ``name`` when the first frame from ``frame`` outwards that is not torch's (nor this module's, nor
+        the CPU backend's) is posttrain's."""
         while frame is not None and _skipped(frame.f_code.co_filename):
             frame = frame.f_back
         if frame is None:
@@ -95,11 +127,11 @@ class DeviceGuard(TorchFunctionMode):
         filename = frame.f_code.co_filename
         if not Path(filename).resolve().is_relative_to(PACKAGE_DIR):
             return
-        key = (filename, frame.f_lineno, func.__name__)
+        key = (filename, frame.f_lineno, name)
         with self._lock:
             if key not in self._seen:
                 self._seen.add(key)
-                self.violations.append(Violation(func.__name__, filename, frame.f_lineno))
+                self.violations.append(Violation(name, filename, frame.f_lineno))
 
     def report(self) -> str:
         """One line per offending call site (empty when there is none)."""

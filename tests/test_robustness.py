@@ -64,14 +64,16 @@ def file_digests(directory):
 
 INJECTED_SOURCE = """
 def misplaced_float(value):
-    return float(torch.zeros(3).sum()) + _float(value)
+    noise = torch.rand(1, generator=torch.Generator().manual_seed(0), device="cpu")
+    return float(torch.zeros(3).sum()) + 0 * float(noise) + _float(value)
 """
 
 
 def test_the_guard_names_a_misplaced_tensor_made_in_posttrain(monkeypatch):
     """A posttrain function is replaced by one that creates ``torch.zeros(3)``; the function is compiled under a
-    file name inside the package, which is what makes a frame posttrain's. Calls from elsewhere, calls with
-    ``device=`` and ``*_like`` calls are not reported."""
+    file name inside the package, which is what makes a frame posttrain's; it also makes a generator without a
+    device. Calls from elsewhere, calls with ``device=`` and ``*_like`` calls are not reported; ``torch.Generator``
+    is the real class again after the guard, and generators made before it still count as generators."""
     from posttrain.training import metrics
 
     fake_file = PACKAGE_DIR / "training" / "injected.py"
@@ -83,12 +85,17 @@ def test_the_guard_names_a_misplaced_tensor_made_in_posttrain(monkeypatch):
         accumulator = metrics.MetricAccumulator()
         accumulator.mean("loss", 1.5, weight=2.0)
         accumulator.mean("loss", 0.5, weight=2.0)
-        torch.zeros(3)  # this test's own call: not posttrain's
+        torch.zeros(3)  # this test's own calls: not posttrain's
+        torch.Generator()
         torch.zeros_like(torch.ones(2, device="cpu"))
+        assert isinstance(torch.default_generator, torch.Generator)
         reduced = accumulator.reduce()
     assert reduced == {"loss": 1.0}
-    assert [(v.function, Path(v.filename), v.lineno) for v in guard.violations] == [("zeros", fake_file, 3)]
-    assert guard.report() == "posttrain/training/injected.py:3 torch.zeros without device="
+    assert torch.Generator is torch._C.Generator
+    assert [(v.function, Path(v.filename), v.lineno) for v in guard.violations] == [
+        ("Generator", fake_file, 3), ("zeros", fake_file, 4)]
+    assert guard.report() == ("posttrain/training/injected.py:3 torch.Generator without device=\n"
+                              "posttrain/training/injected.py:4 torch.zeros without device=")
 
 
 def run_guarded(main, argv) -> DeviceGuard:
