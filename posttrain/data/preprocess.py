@@ -95,6 +95,8 @@ class PreprocessConfig:
             (the command line); ``__post_init__`` parses the text, and "" means none.
         system_prompt: replaces the template's default system prompt ("" removes it); a row's own system column
             still wins.
+        extra_columns: input columns kept unchanged beside the prompts (``<output_prefix>_extra.parquet``, one row
+            per document), for a ``--reward-function`` that reads them; PPO prompts only.
         seq_length: rows whose sequence is ``>= seq_length`` tokens are skipped and counted (None: no limit).
         max_samples: read only this many input rows: the first ones, or a random subset (kept in input order)
             when ``seed`` is set.
@@ -115,6 +117,10 @@ class PreprocessConfig:
     map_keys: dict[str, str] | str | None = arg(
         None, 'JSON object mapping fields to columns, e.g. \'{"prompt": "instruction", "query": "input", '
               '"system": "system"}\' (default: the handler\'s column names)', group="input", type=str)
+    extra_columns: list[str] = arg(default_factory=list, group="input", help=(
+        "input columns to keep unchanged beside the prompts, for a --reward-function that reads them (e.g. "
+        "--extra-columns answer data_source); written to <prefix>_extra.parquet, one row per prompt "
+        "(PPOAlpacaStyleInstructionHandler only)"))
     max_samples: int | None = arg(None, "read at most this many input rows (default: all)", group="input")
     seed: int | None = arg(None, "with --max-samples: pick a random subset of rows with this seed (default: the "
                                  "first rows)", group="input")
@@ -155,7 +161,9 @@ class PreprocessConfig:
         if self.map_keys is not None and not isinstance(self.map_keys, dict):
             raise DataError(f"--map-keys must be a JSON object, got {self.map_keys!r}")
         get_template(self.prompt_type)
-        get_handler(self.handler_name)(self.map_keys, self.system_prompt)  # checks the --map-keys fields
+        self.extra_columns = list(self.extra_columns or ())
+        # checks the --map-keys fields and --extra-columns
+        get_handler(self.handler_name)(self.map_keys, self.system_prompt, self.extra_columns)
 
     @property
     def tokenizer_spec(self) -> TokenizerSpec:
@@ -260,10 +268,12 @@ def _select_rows(total: int, max_samples: int | None, seed: int | None) -> np.nd
 
 
 def _iter_chunks(sources: Sequence[InputFile], handler: DatasetHandler, selection: np.ndarray | None,
-                 chunk_size: int) -> Iterator[tuple[list[tuple], np.ndarray]]:
-    """Yield ``(rows, refs)`` chunks of at most ``chunk_size`` rows; ``refs`` is int64 ``[n, 2]``: the file index
-    and the file row number of each row."""
+                 chunk_size: int) -> Iterator[tuple[list[tuple], np.ndarray, list[tuple]]]:
+    """Yield ``(rows, refs, extras)`` chunks of at most ``chunk_size`` rows; ``refs`` is int64 ``[n, 2]``: the file
+    index and the file row number of each row; ``extras`` the row's ``--extra-columns`` values (empty tuples
+    without them)."""
     rows: list[tuple] = []
+    extras: list[tuple] = []
     refs: list[np.ndarray] = []  # per batch: [n, 2] int64 (file index, row)
     offset = 0  # global index of the current file's first row
     for file_index, source in enumerate(sources):
@@ -280,6 +290,7 @@ def _iter_chunks(sources: Sequence[InputFile], handler: DatasetHandler, selectio
                 if hi - lo < batch.num_rows:
                     batch = batch.select((selection[lo:hi] - first).tolist())
             rows += handler.extract(batch)
+            extras += handler.extract_extras(batch)
             numbers = (np.arange(batch.start, batch.start + batch.num_rows) if batch.row_numbers is None
                        else np.asarray(batch.row_numbers, dtype=np.int64))
             refs.append(np.stack([np.full(batch.num_rows, file_index), numbers], axis=1))
@@ -287,12 +298,13 @@ def _iter_chunks(sources: Sequence[InputFile], handler: DatasetHandler, selectio
                 all_refs = np.concatenate(refs)
                 start = 0
                 while len(rows) - start >= chunk_size:
-                    yield rows[start:start + chunk_size], all_refs[start:start + chunk_size]
+                    yield (rows[start:start + chunk_size], all_refs[start:start + chunk_size],
+                           extras[start:start + chunk_size])
                     start += chunk_size
-                rows, refs = rows[start:], [all_refs[start:]]
+                rows, refs, extras = rows[start:], [all_refs[start:]], extras[start:]
         offset += source.num_rows
     if rows:
-        yield rows, np.concatenate(refs)
+        yield rows, np.concatenate(refs), extras
 
 
 def _check_control_tokens(template, tokenizer, prompt_type: str) -> None:
@@ -403,7 +415,7 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
     """
     global _WORKER
     started = time.perf_counter()
-    handler = get_handler(config.handler_name)(config.map_keys, config.system_prompt)
+    handler = get_handler(config.handler_name)(config.map_keys, config.system_prompt, config.extra_columns)
     get_template(config.prompt_type)
     files = discover_inputs(config.input)
     new_dirs = _missing_directories(config.output_prefix)
@@ -436,7 +448,8 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
     finished = False
     try:
         _make_directories(new_dirs, config.output_prefix)
-        with IndexedDatasetWriter(config.output_prefix, outputs, tokenizer.vocab_size) as writer, \
+        with IndexedDatasetWriter(config.output_prefix, outputs, tokenizer.vocab_size,
+                                  config.extra_columns) as writer, \
                 tqdm(total=num_rows, unit=" docs", disable=not show_bar, file=sys.stderr, dynamic_ncols=True) as bar, \
                 (logging_redirect_tqdm(loggers=[logging.getLogger("posttrain.data")]) if show_bar else contextlib.nullcontext()):
             if config.workers > 1:
@@ -446,9 +459,9 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
 
             def consume() -> None:
                 nonlocal next_log
-                result, refs = pending.popleft()
+                result, refs, extras = pending.popleft()
                 chunk = result.get()
-                writer.add_chunk(chunk)
+                writer.add_chunk(chunk, [values for values, status in zip(extras, chunk.status) if status == 0])
                 stats.add(chunk, refs)
                 bar.update(len(chunk.status))
                 if stats.rows >= next_log:
@@ -457,11 +470,11 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
 
             # Chunks no larger than the log interval, so that progress lines come as often as asked.
             chunk_size = min(config.chunk_size, config.log_interval)
-            for rows, refs in _iter_chunks(sources, handler, selection, chunk_size):
+            for rows, refs, extras in _iter_chunks(sources, handler, selection, chunk_size):
                 if pool is not None:
-                    pending.append((pool.apply_async(_encode_rows, (rows,)), refs))
+                    pending.append((pool.apply_async(_encode_rows, (rows,)), refs, extras))
                 else:
-                    pending.append((_Done(_encode_rows(rows)), refs))
+                    pending.append((_Done(_encode_rows(rows)), refs, extras))
                 while len(pending) > max_pending or (pool is None and pending):
                     consume()
             while pending:
@@ -515,6 +528,8 @@ def _build_meta(config: PreprocessConfig, handler: DatasetHandler, template, tok
         **ids,
         "input_files": [os.path.abspath(s.path) for s in sources],
         "columns": handler.columns,
+        "extra_columns": handler.extra_columns,
+        "extra_file": f"{prefix_name}_extra.parquet" if handler.extra_columns else None,
         "seq_length": config.seq_length,
         "max_samples": config.max_samples,
         "seed": config.seed,
