@@ -197,6 +197,24 @@ def enter_thread() -> None:
     _THREAD_STATE.mode = mode
 
 
+@contextlib.contextmanager
+def suspended():
+    """Leave :class:`CudaToCpuMode` for the duration of a block in the calling thread (no-op when not entered).
+
+    For code that never asks for CUDA (plain torch ops on CPU tensors, e.g. the lean rollout decoder): it is
+    spared the mode's Python call on every op.
+    """
+    mode = getattr(_THREAD_STATE, "mode", None)
+    if mode is None:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
+
+
 def activate() -> bool:
     """Adapt megatron-core to CPU torch if, and only if, CUDA is absent (idempotent).
 
@@ -217,3 +235,45 @@ def activate() -> bool:
 def is_active() -> bool:
     """True once :func:`activate` has adapted this process to CPU."""
     return _ACTIVE
+
+
+def bf16_matmul_speedup(m: int = 512, k: int = 576, n: int = 1536, repeats: int = 5) -> float:
+    """How many times faster a bf16 matrix product runs than an fp32 one on this CPU, measured now.
+
+    CPUs differ by an order of magnitude here: with AMX bf16 is several times faster than fp32, with AVX512-BF16
+    alone it is slower, and without either torch emulates it 10-100× slower. The shape defaults to a
+    SmolLM2-135M MLP product over 512 tokens (``[m, k] @ [k, n]``); each dtype is timed as the best of
+    ``repeats`` runs after a warm-up, in the calling thread's torch thread count.
+
+    Returns:
+        fp32 time / bf16 time (above 1: bf16 is faster). Takes well under a second on any CPU where bf16 is
+        not emulated, at most a few seconds where it is.
+    """
+    import time
+
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(m, k).to(dtype)
+        b = torch.randn(k, n).to(dtype)
+        start = time.perf_counter()
+        a @ b  # warm-up
+        best = time.perf_counter() - start
+        if dtype == torch.bfloat16 and best > 10 * times[torch.float32]:
+            times[dtype] = best  # emulated bf16: one product says enough
+            break
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        times[dtype] = best
+    return times[torch.float32] / times[torch.bfloat16]
+
+
+def choose_precision(min_speedup: float = 1.3) -> tuple[str, float]:
+    """``("bf16", speedup)`` when bf16 products run at least ``min_speedup``× faster than fp32 on this CPU (see
+    :func:`bf16_matmul_speedup`), else ``("fp32", speedup)``. With a CUDA GPU: ``("bf16", nan)`` (every GPU
+    megatron-core targets has bf16 tensor cores)."""
+    if torch.cuda.is_available():
+        return "bf16", float("nan")
+    speedup = bf16_matmul_speedup()
+    return ("bf16" if speedup >= min_speedup else "fp32"), speedup

@@ -24,3 +24,23 @@ def test_cpu_backend_mode_rewrites_cuda_placement():
         name = torch.ones(1).type()
     assert x.device.type == y.device.type == z.device.type == "cpu"
     assert name == "torch.cuda.FloatTensor"
+
+
+def test_the_precision_tool_prints_the_choice_its_measurement_implies():
+    """tools/choose_precision.py: stdout is exactly ``bf16`` or ``fp32``; stderr reports the measured speed ratio,
+    and the choice follows it (bf16 at 1.3x or more)."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.torchrun_utils import REPO
+
+    proc = subprocess.run([sys.executable, "tools/choose_precision.py"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    choice = proc.stdout.strip()
+    speedup = float(re.search(r"bf16 matmul ([0-9.]+)x", proc.stderr).group(1))
+    assert choice == ("bf16" if speedup >= 1.3 else "fp32"), proc.stderr
+    forced = subprocess.run([sys.executable, "tools/choose_precision.py", "--min-speedup", "0"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert forced.stdout.strip() == "bf16"

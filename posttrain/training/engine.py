@@ -64,12 +64,46 @@ def build_optimizer(ddp_model: DistributedDataParallel, args: OptimizerArgs, tra
         clip_grad=args.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=args.use_distributed_optimizer)
     optimizer = get_megatron_optimizer(config, [ddp_model])
+    use_fused_torch_adam(optimizer)
     decay = max(1, train_steps)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if args.lr_warmup_iters else lr, max_lr=lr, min_lr=min(args.min_lr, lr),
         lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=decay, lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=decay, wd_incr_style="constant")
     return optimizer, scheduler
+
+
+def _torch_optimizers(optimizer) -> list:
+    """The ``torch.optim`` optimizers inside a megatron optimizer (chained or not)."""
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    found = []
+    for item in inner:
+        base = getattr(item, "optimizer", None)
+        if isinstance(base, torch.optim.Optimizer):
+            found.append(base)
+    return found
+
+
+def use_fused_torch_adam(optimizer) -> int:
+    """Switch megatron's fallback ``torch.optim.Adam(W)`` (used without Transformer Engine and apex) to torch's
+    fused kernel, which updates each parameter in one pass instead of about ten (same update rule; on the
+    2-core CPU of docs/performance.md an Adam step over 135M parameters drops from 0.67 s to 0.07 s).
+
+    Returns:
+        The number of torch optimizers switched (0 with TE / apex optimizers, which are fused already).
+    """
+    switched = 0
+    for opt in _torch_optimizers(optimizer):
+        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        devices = {p.device.type for group in opt.param_groups for p in group["params"]}
+        if not devices <= {"cpu", "cuda"}:
+            continue
+        opt.defaults.update(fused=True, foreach=False)
+        for group in opt.param_groups:
+            group.update(fused=True, foreach=False)
+        switched += 1
+    return switched
 
 
 def forward_backward(model: torch.nn.Module, forward_step: Callable, micro_batches: list, seq_length: int,

@@ -1,11 +1,12 @@
 """Rollout: KV-cached generation with a megatron-core GPT model under TP and PP.
 
 Prompts are left-padded (position ids 0 over the pads, then 0, 1, ...; pads are masked as keys), responses are
-right-padded with ``pad_token_id``. The prompt is encoded once (prefill) into megatron-core's
-``StaticInferenceContext`` key/value cache; every later step feeds one token per sequence. Each step's forward
-goes through megatron's pipeline schedule (forward only), so pipeline stages exchange activations as in training;
-the last stage samples from the logits gathered over tensor-parallel ranks and broadcasts the tokens to the other
-stages.
+right-padded with ``pad_token_id``. The prompt is encoded once (prefill) into a key/value cache; every later step
+feeds one token per sequence. On a CPU with one tensor- and pipeline-parallel rank the forwards run through
+:class:`~posttrain.trl_ppo.lean_decoder.LeanDecoder` (the model's own weights, plain torch ops); otherwise through
+megatron-core's ``StaticInferenceContext``: the model is called directly without pipeline parallelism, and through
+megatron's forward-only pipeline schedule with it, so stages exchange activations as in training; the last stage
+samples from the logits gathered over tensor-parallel ranks and broadcasts the tokens to the other stages.
 
 Sampling (``do_sample``) draws from ``softmax(logits / temperature)`` restricted by ``top_k`` / ``top_p``, with a
 ``torch.Generator`` seeded per iteration and data-parallel rank, so tensor-parallel ranks draw identical tokens
@@ -17,9 +18,11 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from posttrain import parallel
+from posttrain.trl_ppo.lean_decoder import LeanDecoder
 from posttrain.models.provider import (
     build_attention_mask,
     position_ids_from_attention_mask,
@@ -130,31 +133,66 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: Optio
     return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _forward_last_logits(model, input_ids, position_ids, attention_mask, context) -> Optional[torch.Tensor]:
-    """One inference forward through the pipeline; full-vocabulary logits of the last position on the last stage.
+class _MegatronForward:
+    """Inference forwards through megatron-core's model with its static KV cache: called directly without
+    pipeline parallelism, through the forward-only pipeline schedule with it (stages exchange activations)."""
 
-    Returns ``[batch, V_padded]`` fp32 on the last pipeline stage, None elsewhere.
-    """
-    batch, seq = input_ids.shape
+    def __init__(self, model, batch: int, max_len: int):
+        self.model = model
+        self.context = StaticInferenceContext(batch, max_len)
+        self.pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
 
-    def step(_, wrapped):
-        out = wrapped(input_ids, position_ids, attention_mask, inference_context=context,
-                      runtime_gather_output=True)
+    def _run(self, input_ids, position_ids, attention_mask) -> Optional[torch.Tensor]:
+        """``[batch, V_padded]`` fp32 logits of the last position on the last stage, None elsewhere."""
+        if not self.pipelined:
+            out = self.model(input_ids, position_ids, attention_mask, inference_context=self.context,
+                             runtime_gather_output=True)
+            return out[:, -1, :].float()
+        batch, seq = input_ids.shape
 
-        def keep(output):
-            return torch.zeros((), device=output.device), {"logits": output[:, -1, :].float()}
+        def step(_, wrapped):
+            out = wrapped(input_ids, position_ids, attention_mask, inference_context=self.context,
+                          runtime_gather_output=True)
+            return out, lambda output: (torch.zeros((), device=output.device),
+                                        {"logits": output[:, -1, :].float()})
 
-        return out, keep
+        results = forward_backward(self.model, step, [None], seq_length=seq, micro_batch_size=batch,
+                                   forward_only=True)
+        return results[0]["logits"] if results else None
 
-    with torch.no_grad():
-        results = forward_backward(model, step, [None], seq_length=seq, micro_batch_size=batch, forward_only=True)
-    return results[0]["logits"] if results else None
+    def prefill(self, input_ids, position_ids, attention_mask):
+        logits = self._run(input_ids, position_ids, attention_mask)
+        self.context.increment_sequence_len_offset(input_ids.shape[1])
+        return logits
+
+    def step(self, tokens, position_ids, key_mask):
+        self.context.enable_decode_mode()
+        logits = self._run(tokens[:, None], position_ids[:, None], key_mask)
+        self.context.increment_sequence_len_offset(1)
+        return logits
+
+
+class _LeanForward:
+    """The same forwards through :class:`~posttrain.trl_ppo.lean_decoder.LeanDecoder` (CPU, TP = PP = 1)."""
+
+    def __init__(self, model, batch: int, max_len: int):
+        self.decoder = LeanDecoder(model, batch, max_len)
+
+    def prefill(self, input_ids, position_ids, attention_mask):
+        return self.decoder.prefill(input_ids, attention_mask)
+
+    def step(self, tokens, position_ids, key_mask):
+        return self.decoder.step(tokens, key_mask)
 
 
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams,
              vocab_size: int, generator: Optional[torch.Generator] = None) -> GenerationOutput:
     """Generate responses for a left-padded batch of prompts with a KV cache.
+
+    The forwards run through :class:`~posttrain.trl_ppo.lean_decoder.LeanDecoder` where it applies (CPU, one
+    tensor- and pipeline-parallel rank, dense local-spec model), else through megatron-core's inference path
+    (the model called directly with PP = 1, the pipeline schedule with PP > 1).
 
     Args:
         model: the actor (megatron GPT model, any wrapper), in eval mode.
@@ -169,20 +207,21 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params:
         loop stops once every sequence has ended).
     """
     batch, prompt_len = prompt_ids.shape
-    context = StaticInferenceContext(batch, prompt_len + params.max_new_tokens)
+    max_len = prompt_len + params.max_new_tokens
+    forward = (_LeanForward if LeanDecoder.supports(model) else _MegatronForward)(model, batch, max_len)
     prompt_mask = prompt_mask.long()
     positions = position_ids_from_attention_mask(prompt_mask)
     next_position = positions[:, -1] + 1
     device = prompt_ids.device
     stop = torch.tensor(sorted(set(int(t) for t in params.stop_token_ids)), dtype=torch.long, device=device)
 
-    logits = _forward_last_logits(model, prompt_ids, positions, build_attention_mask(prompt_mask), context)
-    context.increment_sequence_len_offset(prompt_len)
+    logits = forward.prefill(prompt_ids, positions, build_attention_mask(prompt_mask))
 
     tokens_out, logp_out, mask_out = [], [], []
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     has_eos = torch.zeros(batch, dtype=torch.bool, device=device)
-    key_mask = prompt_mask.bool()
+    key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # True = a key that may be attended
+    key_mask[:, :prompt_len] = prompt_mask.bool()
     for step in range(params.max_new_tokens):
         if logits is not None:
             tokens, logps = sample_tokens(logits[:, :vocab_size], params, generator)
@@ -199,13 +238,11 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params:
         ended = alive & torch.isin(tokens, stop) if not params.ignore_eos else torch.zeros_like(alive)
         has_eos |= ended
         done |= ended
-        if bool(done.all()) or step == params.max_new_tokens - 1:
+        if step == params.max_new_tokens - 1 or bool(done.all()):
             break
-        key_mask = torch.cat([key_mask, alive[:, None]], dim=1)
-        decode_mask = ~key_mask[:, None, None, :]  # [batch, 1, 1, kv_len], True = masked
-        context.enable_decode_mode()
-        logits = _forward_last_logits(model, tokens[:, None], next_position[:, None], decode_mask, context)
-        context.increment_sequence_len_offset(1)
+        key_mask[:, prompt_len + step] = alive
+        decode_mask = ~key_mask[:, None, None, :prompt_len + step + 1]  # [batch, 1, 1, kv_len], True = masked
+        logits = forward.step(tokens, next_position, decode_mask)
         next_position = next_position + 1
 
     return GenerationOutput(responses=torch.stack(tokens_out, 1), response_mask=torch.stack(mask_out, 1).long(),

@@ -44,6 +44,7 @@ from posttrain.data.prompt_dataset import PromptDataset, PromptSampler, pad_sequ
 from posttrain.distributed import initialize_distributed
 from posttrain.errors import TrainingDivergedError
 from posttrain.models.checkpoint import load_model_checkpoint, save_model_checkpoint
+from posttrain.models.provider import unwrap_model
 from posttrain.models.value_model import pool_scores
 from posttrain.training import (
     MetricAccumulator,
@@ -180,15 +181,34 @@ class PPOTrainer:
                 p.copy_(current[k])
 
     # ------------------------------------------------------------------ forward helpers
-    def _response_logits(self, output: torch.Tensor, mb: RolloutBatch) -> torch.Tensor:
-        """``[b, response_len, V/TP]`` fp32 logits predicting the response tokens, divided by the temperature,
-        padded vocabulary entries masked (a fresh tensor: the vocab-parallel kernels work in place)."""
+    @staticmethod
+    def _lm_forward(model: torch.nn.Module, mb: RolloutBatch) -> torch.Tensor:
+        """A causal-LM forward whose output layer sees only the positions that predict response tokens
+        (``prompt_len - 1 .. prompt_len + response_len - 2``): logits ``[b, response_len, V/TP]`` on the last
+        pipeline stage. Prompt positions need no logits, so the output layer and the logits' memory shrink to the
+        response part."""
+        inner = unwrap_model(model)
+        if not inner.post_process:
+            return model(*mb.model_inputs())
         start, end = mb.prompt_len - 1, mb.prompt_len + mb.response_len - 1
-        scaled = output[:, start:end, :].float().div(self.args.temperature).contiguous()
-        return parallel.mask_padded_vocab(scaled, self.vocab_size)
+        handle = inner.decoder.register_forward_hook(lambda module, args, hidden: hidden[start:end])  # [s, b, h]
+        try:
+            return model(*mb.model_inputs())
+        finally:
+            handle.remove()
+
+    def _response_logits(self, output: torch.Tensor) -> torch.Tensor:
+        """fp32 logits ``[b, response_len, V/TP]`` divided by the temperature, padded vocabulary entries masked.
+
+        The vocab-parallel kernels then work in place on this tensor: it is the forward's own output (or a copy),
+        which nothing else reads, and whose autograd node keeps no reference to it."""
+        logits = output.float()
+        if self.args.temperature != 1.0:
+            logits = logits.div_(self.args.temperature)
+        return parallel.mask_padded_vocab(logits, self.vocab_size)
 
     def _log_probs(self, output: torch.Tensor, mb: RolloutBatch) -> torch.Tensor:
-        return parallel.vocab_parallel_log_probs(self._response_logits(output, mb), mb.responses)
+        return parallel.vocab_parallel_log_probs(self._response_logits(output), mb.responses)
 
     @staticmethod
     def _values(output: torch.Tensor, mb: RolloutBatch) -> torch.Tensor:
@@ -203,12 +223,15 @@ class PPOTrainer:
 
     def _forward_only(self, slot: ModelSlot, batch: RolloutBatch,
                       compute: Callable[[torch.Tensor, RolloutBatch], torch.Tensor], width: int) -> torch.Tensor:
-        """Run ``slot`` over ``batch`` in micro-batches; ``compute(output, mb) -> [mb, width]`` on the last stage.
+        """Run ``slot`` over ``batch`` in micro-batches; ``compute(output, mb) -> [mb, width]`` on the last stage
+        (a causal LM's output holds the response positions only, see :meth:`_lm_forward`).
 
         Returns ``[batch, width]`` fp32 on every pipeline stage.
         """
+        forward = self._lm_forward if slot.info.kind == "causal_lm" else _forward
+
         def step(mb, model):
-            output = model(*mb.model_inputs())
+            output = forward(model, mb)
             return output, lambda out: (torch.zeros((), device=out.device),
                                         {"out": compute(out, mb).detach().float()})
 
@@ -405,7 +428,7 @@ class PPOTrainer:
     def _actor_loss(self, counts: GlobalCounts, mb: RolloutBatch, output: torch.Tensor):
         """Policy loss (+ entropy bonus, + KL loss) of one PPO micro-batch: ``(loss, metrics, weight)``."""
         args = self.args
-        logits = self._response_logits(output, mb)
+        logits = self._response_logits(output)
         entropy = parallel.vocab_parallel_entropy(logits)  # before the log-probs: their kernel works in place
         log_probs = parallel.vocab_parallel_log_probs(logits, mb.responses)
         agg = dict(loss_agg_mode=args.loss_agg_mode, global_token_count=counts.tokens, global_seq_count=counts.seqs,
@@ -444,8 +467,8 @@ class PPOTrainer:
         return loss, metrics, float(mb.loss_mask.sum())
 
     def _train_step(self, slot: ModelSlot, micro: list, seq_length: int, acc: MetricAccumulator) -> None:
-        """One optimiser step of ``slot`` over ``micro`` (pairs of micro-batch and loss method); metrics go to
-        ``acc`` weighted by tokens.
+        """One optimiser step of ``slot`` over ``micro`` (triples of micro-batch, forward ``(model, mb) -> output``
+        and loss method ``(mb, output) -> (loss, metrics, weight)``); metrics go to ``acc`` weighted by tokens.
 
         Raises:
             TrainingDivergedError: the gradient norm is not finite.
@@ -453,8 +476,8 @@ class PPOTrainer:
         scale = len(micro) * parallel.dp_world_size()
 
         def step(item, model):
-            mb, loss_method = item
-            output = model(*mb.model_inputs())
+            mb, forward, loss_method = item
+            output = forward(model, mb)
 
             def loss_func(out):
                 loss, metrics, weight = loss_method(mb, out)
@@ -499,12 +522,12 @@ class PPOTrainer:
                 if self.ptx_dataset is not None and self.args.ptx_coef > 0:
                     ptx = self._ptx_micro_batches(iteration, index, seq_length)
                 counts = self._global_counts(mini, ptx)
-                actor_micro = ([(mb, partial(self._actor_loss, counts)) for mb in mini.split(mbs)]
-                               + [(mb, partial(self._ptx_loss, counts)) for mb in ptx])
+                actor_micro = ([(mb, self._lm_forward, partial(self._actor_loss, counts)) for mb in mini.split(mbs)]
+                               + [(mb, _forward, partial(self._ptx_loss, counts)) for mb in ptx])
                 self._train_step(self.actor, actor_micro, seq_length, actor_acc)
                 if self.ema is not None:
                     self._update_ema()
-                critic_micro = [(mb, partial(self._critic_loss, counts)) for mb in mini.split(mbs)]
+                critic_micro = [(mb, _forward, partial(self._critic_loss, counts)) for mb in mini.split(mbs)]
                 self._train_step(self.critic, critic_micro, seq_length, critic_acc)
         return actor_acc, critic_acc
 
@@ -722,6 +745,11 @@ class PPOTrainer:
             self.save()
         self.logger.close()
         return last_metrics
+
+
+def _forward(model: torch.nn.Module, mb) -> torch.Tensor:
+    """A plain forward of a micro-batch (anything with ``model_inputs()``)."""
+    return model(*mb.model_inputs())
 
 
 def _fmt(value) -> str:

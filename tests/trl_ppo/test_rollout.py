@@ -125,3 +125,41 @@ def test_sampling_params_reject_bad_values():
         base = {"max_new_tokens": 4, "stop_token_ids": [2]}
         with pytest.raises(ValueError, match=message):
             SamplingParams(**{**base, **kwargs})
+
+
+def test_lean_decoder_and_megatron_inference_path_decode_the_same_tokens(model, monkeypatch):
+    """The CPU decoder over the model's weights against megatron-core's own inference path, sampled, with a stop
+    token and left padding: same tokens, log-probs within fp32 rounding."""
+    from posttrain.trl_ppo import rollout
+    from posttrain.trl_ppo.lean_decoder import LeanDecoder
+
+    assert LeanDecoder.supports(model)
+    g = torch.Generator().manual_seed(8)
+    prompt_ids = torch.randint(5, 300, (4, 6), generator=g)
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[0, :3] = 0
+    prompt_mask[2, :1] = 0
+    prompt_ids[prompt_mask == 0] = 0
+    params = SamplingParams(max_new_tokens=8, do_sample=True, temperature=1.3, stop_token_ids=[7, 11, 13],
+                            pad_token_id=0)
+    lean = generate(model, prompt_ids, prompt_mask, params, 300, torch.Generator().manual_seed(9))
+    monkeypatch.setattr(rollout.LeanDecoder, "supports", staticmethod(lambda m: False))
+    reference = generate(model, prompt_ids, prompt_mask, params, 300, torch.Generator().manual_seed(9))
+    assert torch.equal(lean.responses, reference.responses)
+    assert torch.equal(lean.response_mask, reference.response_mask) and torch.equal(lean.has_eos, reference.has_eos)
+    torch.testing.assert_close(lean.sampler_log_probs, reference.sampler_log_probs, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_decoder_products_equal_f_linear_on_every_cpu(dtype):
+    """oneDNN packs bf16 weights only on some CPUs (AVX512-BW/VL/DQ or AVX-NE-CONVERT); on the others the lean
+    decoder's products must still run, through ``F.linear``, in fp32 and bf16 alike."""
+    from posttrain.trl_ppo.lean_decoder import _Linear
+
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(48, 64, generator=g).to(dtype)
+    bias = torch.randn(48, generator=g).to(dtype)
+    x = torch.randn(2, 5, 64, generator=g).to(dtype)
+    linear = _Linear(weight, bias, rows=10)
+    tol = {"rtol": 0, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, weight, bias), **tol)

@@ -24,7 +24,8 @@
 #   HEAD_STD std of the fresh head (0.0017 = 1 / (hidden + 1), OpenRLHF's choice: scores start near 0),
 #   POOLING     score pooling (response_mean: mean of the head over the response tokens; last: the last token, the
 #               HF *ForSequenceClassification convention; response_mean models export as *ForTokenClassification),
-#   PRECISION (fp32|bf16; fp32 by default: CPUs without AVX512-BF16/AMX run bf16 matmuls 50-130x slower than fp32),
+#   PRECISION (auto|fp32|bf16; auto: bf16 where this CPU multiplies bf16 at least 1.3x faster than fp32, measured
+#               by tools/choose_precision.py, else fp32; CPUs without AMX run bf16 matmuls slower, up to 100x),
 #   EVAL_INTERVAL (0: evaluate at the end only), SAVE_INTERVAL (0: only the final checkpoint), NPROC (2), TP (1),
 #   POSTTRAIN_VENV (the environment scripts/install.sh creates and this script uses; default .venv),
 #   DRY_RUN=1 (print the commands, from the install to the training, without running any; see ../common.sh)
@@ -37,7 +38,7 @@ DATA=${DATA:-../shared/data/dpo_en_250.parquet}
 EVAL_DATA=${EVAL_DATA:-../shared/data/dpo_en_50_eval.parquet}
 SEQ=${SEQ:-192}; MAX_PROMPT=${MAX_PROMPT:-64}; TRUNCATION=${TRUNCATION:-truncate}
 EPOCHS=${EPOCHS:-1}; GBS=${GBS:-8}; MBS=${MBS:-2}; LR=${LR:-5e-5}; HEAD_STD=${HEAD_STD:-0.0017}
-POOLING=${POOLING:-response_mean}; PRECISION=${PRECISION:-fp32}; EVAL_INTERVAL=${EVAL_INTERVAL:-0}
+POOLING=${POOLING:-response_mean}; PRECISION=${PRECISION:-auto}; EVAL_INTERVAL=${EVAL_INTERVAL:-0}
 SAVE_INTERVAL=${SAVE_INTERVAL:-0}; NPROC=${NPROC:-2}; TP=${TP:-1}
 START=$SECONDS
 
@@ -71,6 +72,9 @@ for split in train eval; do
 done
 
 PRECISION_ARGS=()
+if [ "$PRECISION" = "auto" ]; then
+  if [ "$DRY_RUN" = 1 ]; then run "$PY" tools/choose_precision.py; PRECISION=fp32; else PRECISION=$("$PY" tools/choose_precision.py); fi
+fi
 [ "$PRECISION" = "bf16" ] && PRECISION_ARGS=(--bf16)
 MIN_LR=$(awk "BEGIN { print $LR / 10 }")
 
