@@ -8,12 +8,12 @@
   ``dist_checkpointing``, megatron-core's ``cuda_graph_scope="full"`` deprecation raised by its
   own default value, and the notice of torch's weights-only unpickler that a file was pickled with another
   protocol than ``torch.save``'s default (files that ``dist_checkpointing`` writes, read back with
-  ``torch.load(weights_only=True)``). Every other warning still shows. The entry points (``pretrain_gpt.py``, ``convert_ckpt.py``, ``preprocess_data.py``) call it before
-  they import megatron-core.
+  ``torch.load(weights_only=True)``). Every other warning still shows. The entry points (``pretrain_gpt.py``,
+  ``convert_ckpt.py``, ``preprocess_data.py``) call it before they import megatron-core.
 * :func:`startup_line` describes the implementations a stage runs with: device and process-group backend,
   precision, layer implementation (``local`` or ``transformer_engine``), norm, optimiser and multi-tensor kernels
-  (Transformer Engine / apex fused ones or the torch / megatron-core fall-backs). :func:`posttrain.training.run_stage`
-  prints it once, on rank 0, before a stage starts.
+  (Transformer Engine / apex fused ones or the torch / megatron-core fall-backs; torch's Adam runs its fused
+  kernel). :func:`posttrain.training.run_stage` prints it once, on rank 0, before a stage starts.
 
 megatron-core is imported only inside :func:`implementations` (a heavy import that the entry points make after
 :func:`silence_known_warnings`).
@@ -117,7 +117,8 @@ def implementations(bf16: bool = False, transformer_impl: str = "auto") -> dict[
         "precision": precision,
         "layers": "transformer_engine" if use_te else "local",
         "norm": norm,
-        "optimizer": f"{_owner(Adam)} {Adam.__name__}",
+        # posttrain.training.engine.use_fused_torch_adam switches megatron's torch fall-back to torch's fused kernel
+        "optimizer": f"{_owner(Adam)} {Adam.__name__}" + (" (fused)" if _owner(Adam) == "torch" else ""),
         "multi_tensor": {"megatron": "torch fallback (megatron-core local)"}.get(
             _owner(megatron_optimizer.multi_tensor_applier), _owner(megatron_optimizer.multi_tensor_applier)),
     }
@@ -125,7 +126,8 @@ def implementations(bf16: bool = False, transformer_impl: str = "auto") -> dict[
 
 def startup_line(stage: str, bf16: bool = False, transformer_impl: str = "auto", world_size: int = 1) -> str:
     """One line naming what ``stage`` runs with, e.g. ``[trl_ppo] cpu, gloo, 2 processes | fp32 | layers local |
-    norm torch (WrappedTorchNorm) | optimizer torch AdamW | multi-tensor ops torch fallback (megatron-core local)``.
+    norm torch (WrappedTorchNorm) | optimizer torch AdamW (fused) | multi-tensor ops torch fallback (megatron-core
+    local)``.
     """
     info = implementations(bf16, transformer_impl)
     processes = f"{world_size} process{'es' if world_size != 1 else ''}"

@@ -17,7 +17,8 @@ Documented substitutions (:data:`SUBSTITUTIONS`; each must occur in its document
 removes one fails here instead of silently running the full-size command):
 
 * iterations, epochs, held-out prompts and response tokens shrink (``--train-iters 20`` -> ``1``,
-  ``--num-epochs 1`` -> ``--train-iters 3``, the fewest steps its 2 warm-up steps allow, ``--max-new-tokens 64`` -> ``4``, ``--eval-samples 32`` -> ``4``);
+  ``--num-epochs 1`` -> ``--train-iters 3``, the fewest steps its 2 warm-up steps allow, ``--max-new-tokens 64``
+  -> ``4``, ``--eval-samples 32`` -> ``4``);
 * blocks that convert or train a model take the tiny HF model (``$TINY_HF``) instead of SmolLM2-135M
   (``HF_DIR=$(python tools/prepare_example_model.py)``): docs/checkpoint.md and docs/reward_model.md. The other
   blocks run that command as written (it prints the cached example model), for its tokenizer;

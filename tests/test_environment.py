@@ -77,7 +77,7 @@ def test_startup_line_names_what_megatron_selected():
     if not torch.cuda.is_available():
         assert "cpu, gloo," in line
     if not has_te and not has_apex:
-        assert "optimizer torch AdamW" in line and "norm torch (WrappedTorchNorm)" in line
+        assert "optimizer torch AdamW (fused)" in line and "norm torch (WrappedTorchNorm)" in line
         assert "multi-tensor ops torch fallback" in line
     bf16 = startup_line("rm", bf16=True, transformer_impl="local")
     assert "1 process |" in bf16 and "| bf16 (fp32 master weights" in bf16

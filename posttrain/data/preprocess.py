@@ -49,8 +49,11 @@ from posttrain.data.tokenizer import TOKENIZER_TYPES, TokenizerSpec
 from posttrain.data.writer import (
     IndexedDatasetWriter,
     indexed_dataset_module,
+    make_directories,
     meta_path,
+    missing_directories,
     numpy_dtype,
+    remove_empty_directories,
 )
 from posttrain.errors import InputError, one_line
 
@@ -358,47 +361,6 @@ def _progress_line(stats: _Stats, elapsed: float) -> str:
             f"{stats.tokens / elapsed:,.0f} tokens/s | {elapsed:.1f} s")
 
 
-def _missing_directories(prefix: str) -> list[str]:
-    """The directories of ``--output-prefix`` that do not exist yet, outermost first.
-
-    Raises:
-        DataError: an existing part of the path is not a directory.
-    """
-    directory = os.path.dirname(os.path.abspath(prefix))
-    missing = []
-    while not os.path.exists(directory):
-        missing.append(directory)
-        directory = os.path.dirname(directory)
-    if not os.path.isdir(directory):
-        raise DataError(f"--output-prefix {prefix}: {directory} is not a directory")
-    return missing[::-1]
-
-
-def _make_directories(directories: Sequence[str], prefix: str) -> None:
-    """Create ``directories`` (outermost first).
-
-    Raises:
-        DataError: one cannot be created (permissions, a file in the way).
-    """
-    for directory in directories:
-        try:
-            os.mkdir(directory)
-        except FileExistsError:
-            if not os.path.isdir(directory):
-                raise DataError(f"--output-prefix {prefix}: {directory} is not a directory") from None
-        except OSError as exc:
-            raise DataError(f"--output-prefix {prefix}: cannot create {directory} ({exc.strerror or exc})") from None
-
-
-def _remove_empty_directories(directories: Sequence[str]) -> None:
-    """Remove the directories a failed run created (innermost first), as long as they are empty."""
-    for directory in reversed(directories):
-        try:
-            os.rmdir(directory)
-        except OSError:
-            return
-
-
 def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
     """Run one preprocessing job (see the module docstring).
 
@@ -418,7 +380,7 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
     handler = get_handler(config.handler_name)(config.map_keys, config.system_prompt, config.extra_columns)
     get_template(config.prompt_type)
     files = discover_inputs(config.input)
-    new_dirs = _missing_directories(config.output_prefix)
+    new_dirs = missing_directories(config.output_prefix)
     sources = [open_input(path) for path in files]
     for source in sources:
         handler.check_columns(source)
@@ -447,7 +409,7 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
     _WORKER = state
     finished = False
     try:
-        _make_directories(new_dirs, config.output_prefix)
+        make_directories(new_dirs, config.output_prefix)
         with IndexedDatasetWriter(config.output_prefix, outputs, tokenizer.vocab_size,
                                   config.extra_columns) as writer, \
                 tqdm(total=num_rows, unit=" docs", disable=not show_bar, file=sys.stderr, dynamic_ncols=True) as bar, \
@@ -495,7 +457,7 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
             pool.terminate()
             pool.join()
         if not finished:
-            _remove_empty_directories(new_dirs)
+            remove_empty_directories(new_dirs)
     now = time.perf_counter()
     process_s, elapsed = now - process_start, now - started
     skipped = stats.skipped_dict()

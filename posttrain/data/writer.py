@@ -14,6 +14,9 @@ module only decides names, dtypes and the order in which files appear:
 3. on any error (or Ctrl-C) :meth:`IndexedDatasetWriter.abort` deletes the temporary files, so a failed run leaves
    no ``.bin``/``.idx`` behind.
 
+:func:`missing_directories`, :func:`make_directories` and :func:`remove_empty_directories` create the missing
+directories of ``--output-prefix`` for a run and remove them again when it fails.
+
 Extra columns (``--extra-columns``) are one parquet table, ``<prefix>_extra.parquet``, with one row per document in
 document order and one column per extra column, the values as read (strings, numbers, lists, ...; null stays
 null). They are held in memory until the commit, which writes them with ``pyarrow.parquet``.
@@ -53,6 +56,47 @@ def meta_path(prefix: str) -> str:
 def extra_path(prefix: str) -> str:
     """Path of the extra columns kept beside the datasets (``--extra-columns``): ``<prefix>_extra.parquet``."""
     return f"{prefix}_extra.parquet"
+
+
+def missing_directories(prefix: str) -> list[str]:
+    """The directories of ``--output-prefix`` that do not exist yet, outermost first.
+
+    Raises:
+        DataError: an existing part of the path is not a directory.
+    """
+    directory = os.path.dirname(os.path.abspath(prefix))
+    missing = []
+    while not os.path.exists(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    if not os.path.isdir(directory):
+        raise DataError(f"--output-prefix {prefix}: {directory} is not a directory")
+    return missing[::-1]
+
+
+def make_directories(directories: Sequence[str], prefix: str) -> None:
+    """Create ``directories`` (outermost first).
+
+    Raises:
+        DataError: one cannot be created (permissions, a file in the way).
+    """
+    for directory in directories:
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise DataError(f"--output-prefix {prefix}: {directory} is not a directory") from None
+        except OSError as exc:
+            raise DataError(f"--output-prefix {prefix}: cannot create {directory} ({exc.strerror or exc})") from None
+
+
+def remove_empty_directories(directories: Sequence[str]) -> None:
+    """Remove the directories a failed run created (innermost first), as long as they are empty."""
+    for directory in reversed(directories):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
 
 
 def numpy_dtype(kind: str, vocab_size: int) -> type:
