@@ -5,7 +5,11 @@
 """
 import sys
 
-from posttrain.models.convert import main
+from posttrain.environment import silence_known_warnings
+
+silence_known_warnings()  # before megatron-core is imported (by posttrain.models.convert)
+
+from posttrain.models.convert import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,8 @@ pairs (:mod:`posttrain.rm.trainer`). ``pretrain_gpt.py --stage STAGE --help`` li
 """
 import importlib
 import sys
-import warnings
+
+from posttrain.environment import silence_known_warnings
 
 STAGES = {
     "trl_ppo": ("posttrain.trl_ppo.trainer", "PPO: actor, reference, critic and reward models (RLHF)"),
@@ -46,9 +47,7 @@ def main(argv=None) -> int:
         print(_usage(), file=sys.stderr)
         print(f"error: --stage must be one of {', '.join(STAGES)} (got {stage!r})", file=sys.stderr)
         return 2
-    # megatron-core's notices about optional GPU libraries and deprecated torch APIs say nothing actionable here
-    for category in (FutureWarning, DeprecationWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(megatron|torch)\..*")
+    silence_known_warnings()  # before megatron-core is imported: some of its notices come at import time
     return importlib.import_module(STAGES[stage][0]).main(argv)
 
 

@@ -22,6 +22,11 @@ Registered handlers:
 
 The system prompt of a row is its ``system`` column when that is non-empty, else (pairwise) a ``system`` turn at
 the start of ``history``, else ``--system-prompt`` when given ("" meaning none), else the template's default.
+
+Extra columns (``--extra-columns``, PPO prompts only): input columns kept as they are, one value per written
+prompt, for a ``--reward-function`` that needs them (a reference answer, a data source). The handler checks that
+every file has them and pulls them out of each row (:meth:`DatasetHandler.extract_extras`); they never reach the
+template or the tokenizer. :mod:`posttrain.data.writer` stores them beside the token datasets.
 """
 from __future__ import annotations
 
@@ -104,17 +109,23 @@ class DatasetHandler(ABC):
     Args:
         map_keys: ``--map-keys``, field key -> column name; keys not given use the defaults.
         system_prompt: ``--system-prompt``; None keeps the template's default system prompt, "" removes it.
+        extra_columns: ``--extra-columns``, input columns kept as they are beside each written row (only for
+            handlers whose :attr:`keeps_extra_columns` is true).
 
     Raises:
-        DataError: ``map_keys`` names an unknown field or maps it to something other than a column name.
+        DataError: ``map_keys`` names an unknown field or maps it to something other than a column name;
+            ``extra_columns`` given to a handler that does not keep them, empty or repeated.
     """
 
     name: ClassVar[str]
     description: ClassVar[str]
     fields: ClassVar[tuple[FieldSpec, ...]]
     skip_reasons: ClassVar[tuple[str, ...]]
+    keeps_extra_columns: ClassVar[bool] = False
+    """Whether ``--extra-columns`` is accepted (the training side reads them for this handler's datasets)."""
 
-    def __init__(self, map_keys: Mapping[str, str] | None = None, system_prompt: str | None = None) -> None:
+    def __init__(self, map_keys: Mapping[str, str] | None = None, system_prompt: str | None = None,
+                 extra_columns: Sequence[str] = ()) -> None:
         map_keys = dict(map_keys or {})
         known = {f.key for f in self.fields}
         unknown = sorted(set(map_keys) - known)
@@ -130,11 +141,22 @@ class DatasetHandler(ABC):
             self.columns[spec.key] = map_keys.get(spec.key, spec.default_column)
             self.required[spec.key] = spec.required or spec.key in map_keys
         self.system_prompt = system_prompt
+        extra_columns = list(extra_columns or ())
+        if extra_columns and not self.keeps_extra_columns:
+            keepers = ", ".join(sorted(n for n, h in _HANDLERS.items() if h.keeps_extra_columns))
+            raise DataError(f"--extra-columns: {self.name} does not keep extra columns (only {keepers} does)")
+        for column in extra_columns:
+            if not isinstance(column, str) or not column:
+                raise DataError(f"--extra-columns: column names must be non-empty strings, got {_short(column)}")
+        repeated = sorted({c for c in extra_columns if extra_columns.count(c) > 1})
+        if repeated:
+            raise DataError(f"--extra-columns: {', '.join(map(repr, repeated))} given more than once")
+        self.extra_columns: list[str] = extra_columns
 
     @property
     def wanted_columns(self) -> list[str]:
-        """The input columns this handler reads (deduplicated, in field order)."""
-        return list(dict.fromkeys(c for c in self.columns.values() if c is not None))
+        """The input columns this handler reads (deduplicated, fields first, then extra columns)."""
+        return list(dict.fromkeys([*(c for c in self.columns.values() if c is not None), *self.extra_columns]))
 
     def check_columns(self, source: InputFile) -> None:
         """Check that ``source`` has every required column.
@@ -147,6 +169,11 @@ class DatasetHandler(ABC):
                 present = ", ".join(source.columns) or "none"
                 raise DataError(f"{source.path}: missing column {column!r} (field {key!r}; set another with "
                                 f"--map-keys); columns present: {present}")
+        for column in self.extra_columns:
+            if column not in source.columns:
+                present = ", ".join(source.columns) or "none"
+                raise DataError(f"{source.path}: missing column {column!r} (--extra-columns); columns present: "
+                                f"{present}")
 
     @abstractmethod
     def outputs(self) -> list[OutputSpec]:
@@ -175,6 +202,24 @@ class DatasetHandler(ABC):
             convert = {"text": self._text, "history": self._history, "number": self._number}[spec.kind]
             per_field.append([convert(v, batch, i, column, self.required[spec.key]) for i, v in enumerate(values)])
         return list(zip(*per_field)) if per_field else [()] * batch.num_rows
+
+    def extract_extras(self, batch: ColumnBatch) -> list[tuple]:
+        """The :attr:`extra_columns` of every row of ``batch``, unchanged (None for null).
+
+        Returns:
+            One tuple per row, values in :attr:`extra_columns` order (empty tuples without extra columns).
+
+        Raises:
+            DataError: a JSON row lacks one of the columns (names the file, row and column).
+        """
+        if not self.extra_columns:
+            return [()] * batch.num_rows
+        per_column = [batch.columns[c] for c in self.extra_columns]
+        for column, values in zip(self.extra_columns, per_column):
+            for i, value in enumerate(values):
+                if value is MISSING:
+                    raise DataError(f"{batch.path} row {batch.row(i)}: missing column {column!r} (--extra-columns)")
+        return list(zip(*per_column))
 
     @staticmethod
     def _missing(value: Any, batch: ColumnBatch, i: int, column: str, required: bool) -> bool:
@@ -263,6 +308,7 @@ class PPOAlpacaStyleInstructionHandler(DatasetHandler):
     fields = (FieldSpec("prompt", "instruction", True), FieldSpec("query", "input", False),
               FieldSpec("system", None, False))
     skip_reasons = ("empty_prompt", "too_long")
+    keeps_extra_columns = True
 
     def outputs(self) -> list[OutputSpec]:
         return [OutputSpec("packed_input_ids", "token"), OutputSpec("packed_attention_mask", "mask")]

@@ -49,8 +49,11 @@ from posttrain.data.tokenizer import TOKENIZER_TYPES, TokenizerSpec
 from posttrain.data.writer import (
     IndexedDatasetWriter,
     indexed_dataset_module,
+    make_directories,
     meta_path,
+    missing_directories,
     numpy_dtype,
+    remove_empty_directories,
 )
 from posttrain.errors import InputError, one_line
 from posttrain.processes import bind_children_to_parent
@@ -96,6 +99,8 @@ class PreprocessConfig:
             (the command line); ``__post_init__`` parses the text, and "" means none.
         system_prompt: replaces the template's default system prompt ("" removes it); a row's own system column
             still wins.
+        extra_columns: input columns kept unchanged beside the prompts (``<output_prefix>_extra.parquet``, one row
+            per document), for a ``--reward-function`` that reads them; PPO prompts only.
         seq_length: rows whose sequence is ``>= seq_length`` tokens are skipped and counted (None: no limit).
         max_samples: read only this many input rows: the first ones, or a random subset (kept in input order)
             when ``seed`` is set.
@@ -116,6 +121,10 @@ class PreprocessConfig:
     map_keys: dict[str, str] | str | None = arg(
         None, 'JSON object mapping fields to columns, e.g. \'{"prompt": "instruction", "query": "input", '
               '"system": "system"}\' (default: the handler\'s column names)', group="input", type=str)
+    extra_columns: list[str] = arg(default_factory=list, group="input", help=(
+        "input columns to keep unchanged beside the prompts, for a --reward-function that reads them (e.g. "
+        "--extra-columns answer data_source); written to <prefix>_extra.parquet, one row per prompt "
+        "(PPOAlpacaStyleInstructionHandler only)"))
     max_samples: int | None = arg(None, "read at most this many input rows (default: all)", group="input")
     seed: int | None = arg(None, "with --max-samples: pick a random subset of rows with this seed (default: the "
                                  "first rows)", group="input")
@@ -156,7 +165,9 @@ class PreprocessConfig:
         if self.map_keys is not None and not isinstance(self.map_keys, dict):
             raise DataError(f"--map-keys must be a JSON object, got {self.map_keys!r}")
         get_template(self.prompt_type)
-        get_handler(self.handler_name)(self.map_keys, self.system_prompt)  # checks the --map-keys fields
+        self.extra_columns = list(self.extra_columns or ())
+        # checks the --map-keys fields and --extra-columns
+        get_handler(self.handler_name)(self.map_keys, self.system_prompt, self.extra_columns)
 
     @property
     def tokenizer_spec(self) -> TokenizerSpec:
@@ -261,10 +272,12 @@ def _select_rows(total: int, max_samples: int | None, seed: int | None) -> np.nd
 
 
 def _iter_chunks(sources: Sequence[InputFile], handler: DatasetHandler, selection: np.ndarray | None,
-                 chunk_size: int) -> Iterator[tuple[list[tuple], np.ndarray]]:
-    """Yield ``(rows, refs)`` chunks of at most ``chunk_size`` rows; ``refs`` is int64 ``[n, 2]``: the file index
-    and the file row number of each row."""
+                 chunk_size: int) -> Iterator[tuple[list[tuple], np.ndarray, list[tuple]]]:
+    """Yield ``(rows, refs, extras)`` chunks of at most ``chunk_size`` rows; ``refs`` is int64 ``[n, 2]``: the file
+    index and the file row number of each row; ``extras`` the row's ``--extra-columns`` values (empty tuples
+    without them)."""
     rows: list[tuple] = []
+    extras: list[tuple] = []
     refs: list[np.ndarray] = []  # per batch: [n, 2] int64 (file index, row)
     offset = 0  # global index of the current file's first row
     for file_index, source in enumerate(sources):
@@ -281,6 +294,7 @@ def _iter_chunks(sources: Sequence[InputFile], handler: DatasetHandler, selectio
                 if hi - lo < batch.num_rows:
                     batch = batch.select((selection[lo:hi] - first).tolist())
             rows += handler.extract(batch)
+            extras += handler.extract_extras(batch)
             numbers = (np.arange(batch.start, batch.start + batch.num_rows) if batch.row_numbers is None
                        else np.asarray(batch.row_numbers, dtype=np.int64))
             refs.append(np.stack([np.full(batch.num_rows, file_index), numbers], axis=1))
@@ -288,12 +302,13 @@ def _iter_chunks(sources: Sequence[InputFile], handler: DatasetHandler, selectio
                 all_refs = np.concatenate(refs)
                 start = 0
                 while len(rows) - start >= chunk_size:
-                    yield rows[start:start + chunk_size], all_refs[start:start + chunk_size]
+                    yield (rows[start:start + chunk_size], all_refs[start:start + chunk_size],
+                           extras[start:start + chunk_size])
                     start += chunk_size
-                rows, refs = rows[start:], [all_refs[start:]]
+                rows, refs, extras = rows[start:], [all_refs[start:]], extras[start:]
         offset += source.num_rows
     if rows:
-        yield rows, np.concatenate(refs)
+        yield rows, np.concatenate(refs), extras
 
 
 def _check_control_tokens(template, tokenizer, prompt_type: str) -> None:
@@ -347,47 +362,6 @@ def _progress_line(stats: _Stats, elapsed: float) -> str:
             f"{stats.tokens / elapsed:,.0f} tokens/s | {elapsed:.1f} s")
 
 
-def _missing_directories(prefix: str) -> list[str]:
-    """The directories of ``--output-prefix`` that do not exist yet, outermost first.
-
-    Raises:
-        DataError: an existing part of the path is not a directory.
-    """
-    directory = os.path.dirname(os.path.abspath(prefix))
-    missing = []
-    while not os.path.exists(directory):
-        missing.append(directory)
-        directory = os.path.dirname(directory)
-    if not os.path.isdir(directory):
-        raise DataError(f"--output-prefix {prefix}: {directory} is not a directory")
-    return missing[::-1]
-
-
-def _make_directories(directories: Sequence[str], prefix: str) -> None:
-    """Create ``directories`` (outermost first).
-
-    Raises:
-        DataError: one cannot be created (permissions, a file in the way).
-    """
-    for directory in directories:
-        try:
-            os.mkdir(directory)
-        except FileExistsError:
-            if not os.path.isdir(directory):
-                raise DataError(f"--output-prefix {prefix}: {directory} is not a directory") from None
-        except OSError as exc:
-            raise DataError(f"--output-prefix {prefix}: cannot create {directory} ({exc.strerror or exc})") from None
-
-
-def _remove_empty_directories(directories: Sequence[str]) -> None:
-    """Remove the directories a failed run created (innermost first), as long as they are empty."""
-    for directory in reversed(directories):
-        try:
-            os.rmdir(directory)
-        except OSError:
-            return
-
-
 def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
     """Run one preprocessing job (see the module docstring).
 
@@ -407,10 +381,10 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
     global _WORKER
     started = time.perf_counter()
     bind_children_to_parent()
-    handler = get_handler(config.handler_name)(config.map_keys, config.system_prompt)
+    handler = get_handler(config.handler_name)(config.map_keys, config.system_prompt, config.extra_columns)
     get_template(config.prompt_type)
     files = discover_inputs(config.input)
-    new_dirs = _missing_directories(config.output_prefix)
+    new_dirs = missing_directories(config.output_prefix)
     sources = [open_input(path) for path in files]
     for source in sources:
         handler.check_columns(source)
@@ -439,8 +413,9 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
     _WORKER = state
     finished = False
     try:
-        _make_directories(new_dirs, config.output_prefix)
-        with IndexedDatasetWriter(config.output_prefix, outputs, tokenizer.vocab_size) as writer, \
+        make_directories(new_dirs, config.output_prefix)
+        with IndexedDatasetWriter(config.output_prefix, outputs, tokenizer.vocab_size,
+                                  config.extra_columns) as writer, \
                 tqdm(total=num_rows, unit=" docs", disable=not show_bar, file=sys.stderr, dynamic_ncols=True) as bar, \
                 (logging_redirect_tqdm(loggers=[logging.getLogger("posttrain.data")]) if show_bar else contextlib.nullcontext()):
             if config.workers > 1:
@@ -450,9 +425,9 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
 
             def consume() -> None:
                 nonlocal next_log
-                result, refs = pending.popleft()
+                result, refs, extras = pending.popleft()
                 chunk = result.get()
-                writer.add_chunk(chunk)
+                writer.add_chunk(chunk, [values for values, status in zip(extras, chunk.status) if status == 0])
                 stats.add(chunk, refs)
                 bar.update(len(chunk.status))
                 if stats.rows >= next_log:
@@ -461,11 +436,11 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
 
             # Chunks no larger than the log interval, so that progress lines come as often as asked.
             chunk_size = min(config.chunk_size, config.log_interval)
-            for rows, refs in _iter_chunks(sources, handler, selection, chunk_size):
+            for rows, refs, extras in _iter_chunks(sources, handler, selection, chunk_size):
                 if pool is not None:
-                    pending.append((pool.apply_async(_encode_rows, (rows,)), refs))
+                    pending.append((pool.apply_async(_encode_rows, (rows,)), refs, extras))
                 else:
-                    pending.append((_Done(_encode_rows(rows)), refs))
+                    pending.append((_Done(_encode_rows(rows)), refs, extras))
                 while len(pending) > max_pending or (pool is None and pending):
                     consume()
             while pending:
@@ -486,7 +461,7 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
             pool.terminate()
             pool.join()
         if not finished:
-            _remove_empty_directories(new_dirs)
+            remove_empty_directories(new_dirs)
     now = time.perf_counter()
     process_s, elapsed = now - process_start, now - started
     skipped = stats.skipped_dict()
@@ -519,6 +494,8 @@ def _build_meta(config: PreprocessConfig, handler: DatasetHandler, template, tok
         **ids,
         "input_files": [os.path.abspath(s.path) for s in sources],
         "columns": handler.columns,
+        "extra_columns": handler.extra_columns,
+        "extra_file": f"{prefix_name}_extra.parquet" if handler.extra_columns else None,
         "seq_length": config.seq_length,
         "max_samples": config.max_samples,
         "seed": config.seed,

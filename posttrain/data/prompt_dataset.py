@@ -17,8 +17,9 @@
     by :meth:`PromptSampler.load_state_dict`; resuming gives exactly the batches an uninterrupted run would have.
 
 The metadata file ``<prefix>_meta.json`` written beside the datasets gives the special ids
-(``eos_token_id``, ``pad_token_id``, ``bos_token_id``; pad is EOS when the tokenizer has none). Datasets written by
-other tools without that file still load; those ids are then None.
+(``eos_token_id``, ``pad_token_id``, ``bos_token_id``; pad is EOS when the tokenizer has none) and the extra columns
+kept at preprocessing (``extra_columns``, stored in ``<prefix>_extra.parquet``, one row per prompt). Datasets
+written by other tools without that file still load; those ids are then None and there are no extra columns.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from posttrain.data.errors import DatasetFormatError, DatasetNotFoundError
-from posttrain.data.writer import dataset_prefix, indexed_dataset_module, meta_path
+from posttrain.data.writer import dataset_prefix, extra_path, indexed_dataset_module, meta_path
 
 PROMPT_IDS = "packed_input_ids"
 PROMPT_MASK = "packed_attention_mask"
@@ -104,16 +105,53 @@ class PromptDataset(torch.utils.data.Dataset, _MetaMixin):
 
     Attributes:
         meta: content of ``<prefix>_meta.json``, or None when the file is absent.
+        extra_columns: the columns kept with ``preprocess_data.py --extra-columns`` (``[]`` without them).
 
     Raises:
         FileNotFoundError: the prompt dataset's ``.bin``/``.idx`` do not exist.
-        ValueError: a document holds more than one sequence (not a prompt dataset).
+        ValueError: a document holds more than one sequence (not a prompt dataset); the metadata names extra
+            columns but ``<prefix>_extra.parquet`` is missing, lacks one of them or holds another number of rows.
     """
 
     def __init__(self, prefix: str | os.PathLike) -> None:
         self.prefix = _base_prefix(os.fspath(prefix), [PROMPT_IDS, PROMPT_MASK])
         self.dataset = _open(self.prefix, PROMPT_IDS)
         self.meta = _read_meta(self.prefix)
+        self.extra_columns: list[str] = list((self.meta or {}).get("extra_columns") or [])
+        self._extras = self._read_extras() if self.extra_columns else None
+
+    def _read_extras(self):
+        """The ``pyarrow.Table`` of the extra columns, checked against the metadata and the prompt count."""
+        import pyarrow as pa  # heavy: imported only for datasets with extra columns
+        import pyarrow.parquet as pq
+
+        path = extra_path(self.prefix)
+        try:
+            table = pq.read_table(path, columns=self.extra_columns)
+        except FileNotFoundError:
+            raise DatasetFormatError(f"{path} not found: {meta_path(self.prefix)} lists extra columns "
+                                     f"{', '.join(self.extra_columns)} (rerun preprocess_data.py)") from None
+        except (pa.ArrowException, OSError) as exc:
+            raise DatasetFormatError(f"{path}: cannot read the extra columns {', '.join(self.extra_columns)} "
+                                     f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        if table.num_rows != len(self):
+            raise DatasetFormatError(f"{path}: {table.num_rows} rows of extra columns for {len(self)} prompts")
+        return table
+
+    def extras(self, indices: Sequence[int]) -> dict[str, list]:
+        """The extra columns of prompts ``indices``: column -> one value per index, in the order given (strings,
+        numbers, lists, ... as they were in the input; None for null). Empty without extra columns.
+
+        Raises:
+            IndexError: an index outside ``[-len, len)``.
+        """
+        positions = [_check_index(i, len(self)) for i in indices]
+        if self._extras is None:
+            return {}
+        import pyarrow as pa  # already imported by _read_extras
+
+        rows = self._extras.take(pa.array(positions, type=pa.int64()))
+        return {name: rows.column(name).to_pylist() for name in self.extra_columns}
 
     def __len__(self) -> int:
         """Number of prompts."""

@@ -1,16 +1,26 @@
-"""All-or-nothing writing of several Megatron indexed datasets that share one prefix.
+"""All-or-nothing writing of several Megatron indexed datasets that share one prefix, and of the extra columns kept
+beside them.
 
 The binary format is megatron-core's (:class:`megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder`); this
 module only decides names, dtypes and the order in which files appear:
 
 1. every dataset is built under temporary names ``<name>.bin.tmp-<pid>`` / ``<name>.idx.tmp-<pid>``;
-2. on :meth:`IndexedDatasetWriter.commit` the metadata file is written the same way, any old ``.idx`` of these
-   datasets is removed, then the ``.bin`` files, the metadata and finally the ``.idx`` files are renamed into
-   place, the primary dataset's ``.idx`` last. A dataset only loads once its ``.idx`` exists, so a run that
-   stops at any point never leaves a dataset that loads with the wrong content;
+2. on :meth:`IndexedDatasetWriter.commit` the metadata file (and, with extra columns, ``<prefix>_extra.parquet``)
+   is written the same way, any old ``.idx`` of these datasets is removed (and an old extra-columns file a run
+   without extra columns would leave stale), then the ``.bin`` files, the extra-columns file, the metadata and
+   finally the ``.idx`` files are renamed into place, the primary dataset's ``.idx`` last. A dataset only loads
+   once its ``.idx`` exists, so a run that stops at any point never leaves a dataset that loads with the wrong
+   content;
 3. on any error (or Ctrl-C) :meth:`IndexedDatasetWriter.abort` deletes the temporary files, so a failed run leaves
    no ``.bin``/``.idx`` behind. A run killed outright (``kill -9``) cannot; the next run writing to the same prefix
    removes what it left (:func:`remove_stale_temporary_outputs`).
+
+:func:`missing_directories`, :func:`make_directories` and :func:`remove_empty_directories` create the missing
+directories of ``--output-prefix`` for a run and remove them again when it fails.
+
+Extra columns (``--extra-columns``) are one parquet table, ``<prefix>_extra.parquet``, with one row per document in
+document order and one column per extra column, the values as read (strings, numbers, lists, ...; null stays
+null). They are held in memory until the commit, which writes them with ``pyarrow.parquet``.
 """
 from __future__ import annotations
 
@@ -29,6 +39,7 @@ import numpy as np
 from posttrain.atomic import remove_stale_temporary_files
 from posttrain.data.errors import DataError
 from posttrain.data.handlers import EncodedChunk, OutputSpec
+from posttrain.environment import silence_known_warnings
 
 logger = logging.getLogger("posttrain.data.writer")
 
@@ -36,8 +47,7 @@ logger = logging.getLogger("posttrain.data.writer")
 def indexed_dataset_module():
     """Import ``megatron.core.datasets.indexed_dataset`` without megatron's warnings about optional GPU libraries."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
-        warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*")
+        silence_known_warnings()
         from megatron.core.datasets import indexed_dataset
     return indexed_dataset
 
@@ -50,6 +60,52 @@ def dataset_prefix(prefix: str, name: str) -> str:
 def meta_path(prefix: str) -> str:
     """Path of the metadata file written beside the datasets: ``<prefix>_meta.json``."""
     return f"{prefix}_meta.json"
+
+
+def extra_path(prefix: str) -> str:
+    """Path of the extra columns kept beside the datasets (``--extra-columns``): ``<prefix>_extra.parquet``."""
+    return f"{prefix}_extra.parquet"
+
+
+def missing_directories(prefix: str) -> list[str]:
+    """The directories of ``--output-prefix`` that do not exist yet, outermost first.
+
+    Raises:
+        DataError: an existing part of the path is not a directory.
+    """
+    directory = os.path.dirname(os.path.abspath(prefix))
+    missing = []
+    while not os.path.exists(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    if not os.path.isdir(directory):
+        raise DataError(f"--output-prefix {prefix}: {directory} is not a directory")
+    return missing[::-1]
+
+
+def make_directories(directories: Sequence[str], prefix: str) -> None:
+    """Create ``directories`` (outermost first).
+
+    Raises:
+        DataError: one cannot be created (permissions, a file in the way).
+    """
+    for directory in directories:
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise DataError(f"--output-prefix {prefix}: {directory} is not a directory") from None
+        except OSError as exc:
+            raise DataError(f"--output-prefix {prefix}: cannot create {directory} ({exc.strerror or exc})") from None
+
+
+def remove_empty_directories(directories: Sequence[str]) -> None:
+    """Remove the directories a failed run created (innermost first), as long as they are empty."""
+    for directory in reversed(directories):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
 
 
 def numpy_dtype(kind: str, vocab_size: int) -> type:
@@ -87,6 +143,8 @@ class IndexedDatasetWriter:
         prefix: ``--output-prefix``; datasets go to ``<prefix>_<name>_document.{bin,idx}``.
         outputs: the datasets, primary first (see :class:`~posttrain.data.handlers.OutputSpec`).
         vocab_size: number of token ids; picks the token dtype and bounds the ids written.
+        extra_columns: names of the extra columns (``--extra-columns``) that :meth:`add_chunk` receives per
+            document and :meth:`commit` writes to ``<prefix>_extra.parquet`` (none: no such file).
 
     Raises:
         DataError: the output directory does not exist or is not writable.
@@ -95,7 +153,8 @@ class IndexedDatasetWriter:
     (:func:`remove_stale_temporary_outputs`).
     """
 
-    def __init__(self, prefix: str, outputs: Sequence[OutputSpec], vocab_size: int) -> None:
+    def __init__(self, prefix: str, outputs: Sequence[OutputSpec], vocab_size: int,
+                 extra_columns: Sequence[str] = ()) -> None:
         directory = os.path.dirname(os.path.abspath(prefix))
         if not os.path.isdir(directory):
             raise DataError(f"--output-prefix {prefix}: the directory {directory} does not exist")
@@ -112,6 +171,9 @@ class IndexedDatasetWriter:
         self._tmp_bin = {n: p + ".bin" + suffix for n, p in self._final.items()}
         self._tmp_idx = {n: p + ".idx" + suffix for n, p in self._final.items()}
         self._tmp_meta = meta_path(prefix) + suffix
+        self.extra_columns = list(extra_columns)
+        self._extras: dict[str, list] = {name: [] for name in self.extra_columns}
+        self._tmp_extra = extra_path(prefix) + suffix
         self._builders = {}
         self._moved: list[str] = []
         self._done = False
@@ -122,8 +184,13 @@ class IndexedDatasetWriter:
             self.abort()
             raise DataError(f"--output-prefix {prefix}: cannot write ({exc.strerror or exc})") from None
 
-    def add_chunk(self, chunk: EncodedChunk) -> int:
+    def add_chunk(self, chunk: EncodedChunk, extras: Sequence[tuple] = ()) -> int:
         """Append the written rows of ``chunk``, one document each, in order.
+
+        Args:
+            chunk: the encoded rows.
+            extras: with extra columns, one tuple of their values (in ``extra_columns`` order) per **written** row
+                of ``chunk``, in row order.
 
         Returns:
             The number of documents added.
@@ -131,6 +198,7 @@ class IndexedDatasetWriter:
         Raises:
             DataError: a token id outside ``[0, vocab_size)`` (the tokenizer and the vocabulary size disagree), or
                 the output cannot be written (full disk, file-size limit; the temporary files are removed).
+            ValueError: ``extras`` does not hold one tuple per written row (a caller's bug).
         """
         try:
             return self._add_chunk(chunk)
@@ -152,8 +220,32 @@ class IndexedDatasetWriter:
             for item in torch.from_numpy(np.ascontiguousarray(values)).split(lengths.tolist()):
                 add_item(item)
                 end_document()
+        if self.extra_columns:
+            if len(extras) != (added or 0):
+                raise ValueError(f"{len(extras)} rows of extra columns for {added or 0} documents")
+            for name, values in zip(self.extra_columns, zip(*extras) if extras else [()] * len(self.extra_columns)):
+                self._extras[name].extend(values)
         self.documents += added or 0
         return added or 0
+
+    def _write_extras(self) -> None:
+        """Write the extra columns to the temporary ``<prefix>_extra.parquet`` (one row per document).
+
+        Raises:
+            DataError: a column whose values have no common type (e.g. numbers in some rows, text in others).
+        """
+        import pyarrow as pa  # heavy: imported only when extra columns are kept
+        import pyarrow.parquet as pq
+
+        arrays = []
+        for name in self.extra_columns:
+            try:
+                arrays.append(pa.array(self._extras[name]))
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                kinds = sorted({type(v).__name__ for v in self._extras[name] if v is not None})
+                raise DataError(f"--extra-columns: column {name!r} mixes values of types {', '.join(kinds)} "
+                                f"that cannot be stored together ({str(exc).splitlines()[0]})") from None
+        pq.write_table(pa.table(arrays, names=self.extra_columns), self._tmp_extra)
 
     def commit(self, meta: dict) -> dict[str, str]:
         """Finalize every dataset, write ``meta`` as ``<prefix>_meta.json``, and move everything into place.
@@ -169,13 +261,19 @@ class IndexedDatasetWriter:
         try:
             for o in self.outputs:
                 self._builders[o.name].finalize(self._tmp_idx[o.name])
+            if self.extra_columns:
+                self._write_extras()
             with open(self._tmp_meta, "w", encoding="utf-8") as handle:
                 json.dump(meta, handle, indent=2, sort_keys=True)
                 handle.write("\n")
             for name in self._final:
                 if os.path.exists(self._final[name] + ".idx"):
                     os.remove(self._final[name] + ".idx")
+            if not self.extra_columns and os.path.exists(extra_path(self.prefix)):
+                os.remove(extra_path(self.prefix))  # a previous run's extra columns would not match these rows
             moves = [(self._tmp_bin[name], self._final[name] + ".bin") for name in self._final]
+            if self.extra_columns:
+                moves.append((self._tmp_extra, extra_path(self.prefix)))
             moves.append((self._tmp_meta, meta_path(self.prefix)))
             moves += [(self._tmp_idx[o.name], self._final[o.name] + ".idx") for o in reversed(self.outputs)]
             for source, target in moves:
@@ -193,6 +291,13 @@ class IndexedDatasetWriter:
                 del dataset
                 self.abort()
                 raise DataError(f"{path}: wrote {self.documents} documents but {len(dataset)} load back")
+        if self.extra_columns:
+            import pyarrow.parquet as pq
+
+            rows = pq.ParquetFile(extra_path(self.prefix)).metadata.num_rows
+            if rows != self.documents:
+                self.abort()
+                raise DataError(f"{extra_path(self.prefix)}: wrote {self.documents} rows but {rows} load back")
         return dict(self._final)
 
     def _write_failure(self, exc: OSError) -> DataError:
@@ -216,7 +321,8 @@ class IndexedDatasetWriter:
             except Exception:
                 pass
         moved_idx = [p for p in self._moved if p.endswith(".idx")]
-        leftovers = [*moved_idx, *self._tmp_idx.values(), *self._tmp_bin.values(), self._tmp_meta, *self._moved]
+        leftovers = [*moved_idx, *self._tmp_idx.values(), *self._tmp_bin.values(), self._tmp_meta, self._tmp_extra,
+                     *self._moved]
         for path in dict.fromkeys(leftovers):
             if os.path.exists(path):
                 os.remove(path)

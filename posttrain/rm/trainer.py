@@ -369,9 +369,10 @@ class RewardModelTrainer:
         zero_grad(self.ddp, self.slot.optimizer)
         outputs = forward_backward(self.ddp, self._forward_step(normalizer=float(self.args.micro_batch_size)),
                                    micro_batches, seq_len, 2 * self.args.micro_batch_size, forward_only=False)
+        lr = float(self.slot.optimizer.param_groups[0]["lr"])  # this step's LR: the scheduler moves it after the step
         applied, grad_norm = optimizer_step(self.slot.optimizer, self.slot.scheduler)
         metrics = finalize_pair_stats(self._reduce_sums(outputs))
-        metrics.update(grad_norm=grad_norm, lr=float(self.slot.optimizer.param_groups[0]["lr"]),
+        metrics.update(grad_norm=grad_norm, lr=lr,
                        tokens=float(parallel.dp_all_reduce(tokens)[0]), step_skipped=float(not applied))
         return metrics
 

@@ -15,10 +15,12 @@ An iteration directory is written as ``.iter_0000020.tmp`` and renamed when ever
 any point leaves the previous checkpoint and tracker intact. Temporaries of dead runs are removed at start-up.
 With ``--ckpt-keep-last K`` only the newest ``K`` iteration directories are kept.
 
-Loading never runs code from a checkpoint: RNG files load with ``torch.load(weights_only=True)``, the rest is
-JSON and ``dist_checkpointing`` tensors. Checkpoints of earlier posttrain versions load too: PPO's
-``<slot>_optim/`` and ``rng_rank00000.pt``, the RM stage's ``optimizer/`` (whose NumPy RNG state is read with
-NumPy's array reconstruction as the only allowed non-tensor type).
+What this module reads itself it reads as data: RNG files with ``torch.load(weights_only=True)``, the trainer state
+and tracker as JSON / text; models and optimiser state go through ``dist_checkpointing``, whose tensors load with
+``weights_only=True`` but whose ``.metadata`` index torch unpickles (docs/security.md: load trusted checkpoints).
+Checkpoints of earlier posttrain versions load too: PPO's ``<slot>_optim/`` and ``rng_rank00000.pt``, the RM
+stage's ``optimizer/`` (whose NumPy RNG state is read with NumPy's array reconstruction as the only allowed
+non-tensor type).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
-from posttrain.arguments import OptimizerArgs
+from posttrain.arguments import ArgumentError, OptimizerArgs
 
 
 def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool = False) -> DistributedDataParallel:
@@ -50,8 +50,14 @@ def build_optimizer(ddp_model: DistributedDataParallel, args: OptimizerArgs, tra
 
     Returns:
         ``(optimizer, scheduler)``.
+
+    Raises:
+        ArgumentError: ``--lr-warmup-iters`` is not smaller than ``train_steps`` (the schedule would have no decay).
     """
     lr = args.lr if lr is None else lr
+    if args.lr_warmup_iters and args.lr_warmup_iters >= max(1, train_steps):
+        raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than the {max(1, train_steps)} "
+                            "optimiser steps the learning rate is scheduled over (--train-iters / --num-epochs)")
     config = OptimizerConfig(
         optimizer="adam", lr=lr, min_lr=min(args.min_lr, lr), weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,

@@ -1,7 +1,8 @@
 """The one way a stage starts and fails: parse flags, run, turn the user's mistakes into one line.
 
-:func:`run_stage` is every stage's ``main``: flags are parsed (argparse exits 2 on malformed ones), the stage
-runs, and
+:func:`run_stage` is every stage's ``main``: flags are parsed (argparse exits 2 on malformed ones), rank 0 prints
+one line naming the implementations in use (:func:`posttrain.environment.startup_line`: device, backend, precision,
+layer implementation, fused kernels or their fall-backs), the stage runs, and
 
 * an :class:`posttrain.errors.InputError` (bad flag, file, checkpoint, data, reward function, full disk) is
   printed by rank 0 as one ``error: <message>`` line on stderr, exit status 1;
@@ -20,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from posttrain.distributed import destroy_distributed
+from posttrain.environment import launcher_world, startup_line
 from posttrain.errors import InputError, TrainingDivergedError, one_line
 
 
@@ -38,10 +40,18 @@ def run_stage(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace
               argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` with ``parser`` and call ``run(args)``; see the module docstring for the exit codes.
 
+    The stage's name in the start-up line is the last word of ``parser.prog`` (``pretrain_gpt.py --stage rm``:
+    ``rm``); its precision and layer implementation come from ``args.bf16`` and ``args.transformer_impl``.
+
     Returns:
         0 on success, 1 on an input error or a diverged run.
     """
     args = parser.parse_args(argv)
+    rank, world_size = launcher_world()
+    if rank == 0:
+        print(startup_line(parser.prog.split()[-1], bf16=bool(getattr(args, "bf16", False)),
+                           transformer_impl=getattr(args, "transformer_impl", "auto"), world_size=world_size),
+              flush=True)
     try:
         run(args)
     except InputError as exc:

@@ -36,9 +36,12 @@ class PPOArgs:
     reward_model: Optional[str] = arg(None, "reward checkpoint (value head); also initialises the critic")
     critic_model: Optional[str] = arg(None, "critic checkpoint (default: --reward-model, else the actor with a fresh "
                                             "value head)")
-    reward_function: Optional[str] = arg(None, "rule-based reward 'module:callable', called as "
-                                               "fn(prompts: list[str], responses: list[str]) -> list[float]; added "
-                                               "to the reward model's score, or used alone without --reward-model")
+    reward_function: Optional[str] = arg(None, "rule-based reward 'module:callable' or 'file.py:callable', called "
+                                               "as fn(prompts: list[str], responses: list[str], **columns) -> "
+                                               "list[float], columns being the dataset's extra columns "
+                                               "(preprocess_data.py --extra-columns) its signature names; added to "
+                                               "the reward model's score, or used alone without --reward-model. "
+                                               "Runs the named Python code: pass only code you trust")
     # data
     data_path: str = arg(help="prompt dataset prefix written by preprocess_data.py (PPOAlpacaStyleInstructionHandler)")
     eval_data_path: Optional[str] = arg(None, "held-out prompt dataset prefix for validation reward")
@@ -58,9 +61,13 @@ class PPOArgs:
     global_batch_size: int = arg(8, "prompts per PPO iteration over all data-parallel ranks")
     rollout_batch_size: Optional[int] = arg(None, "sequences generated at once on a rank (default: the whole "
                                                   "local rollout)")
-    ppo_mini_batch_size: Optional[int] = arg(None, "sequences per optimiser step over all DP ranks "
-                                                   "(default: the whole rollout)")
-    ppo_epochs: int = arg(1, "passes over each rollout")
+    ppo_mini_batch_size: Optional[int] = arg(None, "sequences per optimiser step over all DP ranks (default: the "
+                                                   "whole rollout). With the whole rollout and one --ppo-epochs, "
+                                                   "every step starts at the rollout's own policy and values, so "
+                                                   "--clip-ratio and --cliprange-value never act; use several "
+                                                   "mini-batches or epochs for PPO's clipping to matter")
+    ppo_epochs: int = arg(1, "passes over each rollout; with 1 and the default --ppo-mini-batch-size (one step "
+                             "per iteration) --clip-ratio and --cliprange-value never act")
     n_samples_per_prompt: int = arg(1, "responses per prompt (group estimators need > 1)")
     critic_lr: Optional[float] = arg(None, "critic learning rate (default: --lr)")
     # rollout
@@ -93,11 +100,13 @@ class PPOArgs:
     gamma: float = arg(1.0, "discount")
     lam: float = arg(0.95, "GAE lambda")
     # losses
-    clip_ratio: float = arg(0.2, "PPO clip range epsilon")
+    clip_ratio: float = arg(0.2, "PPO clip range epsilon (acts from an iteration's second optimiser step on: "
+                                 "see --ppo-epochs)")
     clip_ratio_low: Optional[float] = arg(None, "lower clip epsilon (default --clip-ratio)")
     clip_ratio_high: Optional[float] = arg(None, "upper clip epsilon (default --clip-ratio)")
     clip_ratio_c: Optional[float] = arg(None, "dual-clip bound for negative advantages (e.g. 3.0; off by default)")
-    cliprange_value: float = arg(0.2, "value clip range")
+    cliprange_value: float = arg(0.2, "value clip range (acts from an iteration's second optimiser step on: see "
+                                      "--ppo-epochs)")
     loss_agg_mode: Optional[str] = arg(None, "how token losses are averaged (default: token-mean; seq-mean-token-mean "
                                              "with --policy-loss gspo/gspo_token; seq-mean-token-sum-norm divides "
                                              "by --max-new-tokens, Dr. GRPO)", choices=LOSS_AGG_MODES)

@@ -36,8 +36,13 @@ class RewardFunction:
 
     The callable receives the decoded prompts and responses (``list[str]`` of the same length, responses without
     special tokens) and, as keyword arguments, the dataset's extra columns it names in its signature (e.g.
-    ``answer: list[str]``, one entry per response; all of them when it takes ``**kwargs``). It returns one real
-    number per response (a list, tuple, NumPy array or 1-D tensor); the score is added to the reward model's.
+    ``answer: list[str]``, one entry per response: the value of the row the response's prompt came from; all of
+    them when it takes ``**kwargs``). A parameter with a default that the dataset lacks keeps its default. It
+    returns one real number per response (a list, tuple, NumPy array or 1-D tensor); the score is added to the
+    reward model's.
+
+    Attributes:
+        columns: the extra columns the function receives (in signature order).
 
     Args:
         spec: ``module:callable`` or ``path/to/file.py:callable`` (``--reward-function``).
@@ -87,6 +92,19 @@ class RewardFunction:
                 f"provide (its extra columns: {', '.join(available) or 'none'}; keep them at preprocessing with "
                 "--extra-columns)")
         return [p.name for p in named if p.name in available]
+
+    def check_columns(self, available: Sequence[str], source: str) -> None:
+        """Check that another prompt dataset (``source``, e.g. ``--eval-data-path X``) has every extra column this
+        function reads.
+
+        Raises:
+            RewardFunctionError: naming the missing columns and ``source``.
+        """
+        missing = [name for name in self.columns if name not in available]
+        if missing:
+            raise RewardFunctionError(
+                f"--reward-function {self.spec} reads {', '.join(missing)}, which {source} does not provide (its "
+                f"extra columns: {', '.join(available) or 'none'}; keep them at preprocessing with --extra-columns)")
 
     def probe(self) -> None:
         """Call the function on one made-up row, so a broken function fails before any model is built."""

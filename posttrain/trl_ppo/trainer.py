@@ -102,8 +102,12 @@ class PPOTrainer:
         self.train_iters = ppo.train_iters or ppo.num_episodes * self.sampler.batches_per_epoch
         self.eval_dataset = PromptDataset(ppo.eval_data_path) if ppo.eval_data_path else None
         self.ptx_dataset = PromptDataset(ppo.pretrain_data_path) if ppo.pretrain_data_path else None
-        self.reward_function = RewardFunction(ppo.reward_function) if ppo.reward_function else None
+        self.reward_function = (RewardFunction(ppo.reward_function, columns=self.dataset.extra_columns)
+                                if ppo.reward_function else None)
         if self.reward_function is not None:
+            if self.eval_dataset is not None:
+                self.reward_function.check_columns(self.eval_dataset.extra_columns,
+                                                   f"--eval-data-path {ppo.eval_data_path}")
             self.reward_function.probe()
 
         # --- models
@@ -329,15 +333,19 @@ class PPOTrainer:
                      for ids, m in zip(response_ids, response_mask)]
         return prompts, responses
 
-    def score(self, batch: RolloutBatch, where: str = "") -> torch.Tensor:
+    def score(self, batch: RolloutBatch, where: str = "", dataset: Optional[PromptDataset] = None) -> torch.Tensor:
         """Sequence scores ``[batch]`` on the device: the reward model's score (pooled as its checkpoint says)
-        plus the rule-based reward."""
+        plus the rule-based reward, which also receives the extra columns it asks for from the rows of ``dataset``
+        (default: the training prompts) that ``batch.group_index`` names (modulo the dataset size: dynamic sampling
+        offsets later rounds by multiples of it)."""
         scores = torch.zeros(batch.batch_size, device=self.device)
         if self.reward is not None:
             scores += self._forward_only(self.reward, batch, self._scores, 1)[:, 0]
         if self.reward_function is not None:
             prompts, responses = self.decode(batch)
-            scores += self.reward_function(prompts, responses, where=where).to(self.device)
+            dataset = dataset if dataset is not None else self.dataset
+            rows = (batch.group_index.cpu() % len(dataset)).tolist() if self.reward_function.columns else []
+            scores += self.reward_function(prompts, responses, dataset.extras(rows), where=where).to(self.device)
         return scores
 
     def experience_phase(self, batch: RolloutBatch, iteration: int) -> MetricAccumulator:
@@ -456,7 +464,6 @@ class PPOTrainer:
             values, mb.values, mb.returns, mb.loss_mask, cliprange_value=self.args.cliprange_value,
             loss_agg_mode=self.args.loss_agg_mode, global_token_count=counts.tokens, global_seq_count=counts.seqs,
             norm_length=self.args.max_new_tokens)
-        metrics["value_mean"] = core_algos.masked_mean(values.detach(), mb.loss_mask)
         return loss, metrics, float(mb.loss_mask.sum())
 
     def _train_step(self, slot: ModelSlot, micro: list, seq_length: int, acc: MetricAccumulator) -> None:
@@ -483,12 +490,14 @@ class PPOTrainer:
         zero_grad(slot.ddp, slot.optimizer)
         forward_backward(slot.runnable, step, micro, seq_length=seq_length,
                          micro_batch_size=self.args.micro_batch_size, forward_only=False)
+        lr = float(slot.optimizer.param_groups[0]["lr"])  # this step's LR: the scheduler moves it after the step
         applied, grad_norm = optimizer_step(slot.optimizer, slot.scheduler)
         if not math.isfinite(grad_norm) or not applied:
             raise TrainingDivergedError(f"iteration {self.iteration + 1}: {slot.name} gradient norm is {grad_norm}")
-        # every DP rank holds the same global norm: weight 1/DP so the DP sum counts it once
+        # every DP rank holds the same global norm and LR: weight 1/DP so the DP sum counts them once
         dp = parallel.dp_world_size()
         acc.sum_mean(f"{slot.name}_grad_norm", grad_norm / dp, 1.0 / dp)
+        acc.sum_mean("lr" if slot.name == "actor" else f"{slot.name}_lr", lr / dp, 1.0 / dp)
 
     def _ptx_micro_batches(self, iteration: int, mini_index: int, seq_len: int) -> list[PtxMicroBatch]:
         """Pretraining micro-batches for one actor step (as many as PPO micro-batches), ``seq_len`` tokens."""
@@ -561,8 +570,7 @@ class PPOTrainer:
     def _summarise(self, rollout: MetricAccumulator, actor: MetricAccumulator, critic: MetricAccumulator) -> dict:
         dp_sum, dp_max = parallel.dp_all_reduce, partial(parallel.dp_all_reduce, op=torch.distributed.ReduceOp.MAX)
         metrics = rollout.reduce(dp_sum, dp_max)
-        metrics.update(kl_coef=float(self.kl_ctl.value), lr=float(self.actor.optimizer.param_groups[0]["lr"]),
-                       critic_lr=float(self.critic.optimizer.param_groups[0]["lr"]))
+        metrics.update(kl_coef=float(self.kl_ctl.value))
         metrics.update(actor.reduce(dp_sum))
         metrics.update(critic.reduce(dp_sum))
         if "explained_variance" in metrics:
@@ -572,7 +580,7 @@ class PPOTrainer:
     # ------------------------------------------------------------------ logging
     ACTOR_KEYS = ["pg_loss", "abs_pg_loss", "ppo_ratio", "ppo_ratio_clamped", "pg_clipfrac", "approx_kl", "entropy",
                   "kl", "kl_coef", "score_mean", "reward_mean", "response_length", "lr"]
-    CRITIC_KEYS = ["vf_loss", "vf_clipfrac", "explained_var", "value_mean"]
+    CRITIC_KEYS = ["vf_loss", "vf_clipfrac", "explained_var", "vpred_mean", "critic_lr"]
 
     def log(self, metrics: dict) -> None:
         it = self.iteration
@@ -639,10 +647,11 @@ class PPOTrainer:
             # the forwards need micro-batch-sized pieces: pad the chunk with repeats, weighted 0
             pad_to = -(-len(part) // self.args.micro_batch_size) * self.args.micro_batch_size
             padded = part + [part[-1]] * (pad_to - len(part))
-            batch = self.generate_phase(padded, torch.arange(len(padded), device="cpu"), self.iteration,
-                                        sampling=sampling, salt=EVAL_SEED_SALT)
+            rows = indices[s:s + chunk]  # held-out prompt indices: the reward function reads their columns
+            rows = torch.tensor(rows + [rows[-1]] * (pad_to - len(part)))
+            batch = self.generate_phase(padded, rows, self.iteration, sampling=sampling, salt=EVAL_SEED_SALT)
             real = slice(0, len(part))
-            scores = self.score(batch, where="in validation")[real].double()
+            scores = self.score(batch, where="in validation", dataset=self.eval_dataset)[real].double()
             r = batch.response_len
             actor_lp = self._forward_only(self.actor, batch, self._log_probs, r)[real]
             ref_lp = self._forward_only(self.reference, batch, self._log_probs, r)[real]

@@ -30,18 +30,6 @@ OUTPUT_SUFFIXES = ("_packed_input_ids_document.bin", "_packed_input_ids_document
 
 # ----------------------------------------------------------------------------------------------------- helpers
 
-@pytest.fixture(scope="module")
-def tok(example_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(example_model_dir))
-
-
-@pytest.fixture(scope="module")
-def alpaca_rows(shared_data):
-    return pq.read_table(shared_data / "alpaca_en_800.parquet").to_pylist()
-
-
 def alpaca_prompt(row: dict) -> str:
     return row["instruction"] + ("\n" + row["input"] if row["input"] else "")
 
@@ -636,3 +624,4 @@ def test_pairs_margin_skips_and_missing_columns(capsys, tmp_path, shared_data, e
                     example_model_dir, "--output-prefix", tmp_path / "x", "--handler-name",
                     "AlpacaStylePairwiseHandler", "--map-keys", '{"prompt": "instruction"}')
     assert_failed_cleanly(code, err, tmp_path / "x", "'chosen'", "alpaca_en_800.parquet")
+

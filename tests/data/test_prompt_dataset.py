@@ -207,3 +207,38 @@ def test_pairwise_dataset(tmp_path, shared_data, example_model_dir, tok):
     plain = PairwiseDataset(tmp_path / "nomargin")
     assert not plain.has_margin and plain[0].margin == 0.0
     assert plain[0].chosen_ids.tolist() == pairs[0].chosen_ids.tolist()
+
+
+def test_prompt_dataset_extra_columns_round_trip(tmp_path, shared_data, example_model_dir, alpaca_prompts):
+    rows = pq.read_table(shared_data / "alpaca_en_800.parquet").slice(0, 40).to_pylist()
+    answers = [str(len(r["output"].split())) for r in rows]
+    sources = [["alpaca", str(k)] for k in range(40)]  # a list column stays a list
+    table = pa.table({"instruction": [r["instruction"] for r in rows], "input": [r["input"] for r in rows],
+                      "answer": answers, "data_source": sources})
+    pq.write_table(table, tmp_path / "answers.parquet")
+    run_preprocess(PreprocessConfig(input=str(tmp_path / "answers.parquet"), output_prefix=str(tmp_path / "ds"),
+                                    tokenizer_name_or_path=str(example_model_dir), prompt_type="qwen",
+                                    extra_columns=["answer", "data_source"]))
+    dataset = PromptDataset(tmp_path / "ds")
+    assert len(dataset) == 40 and dataset.extra_columns == ["answer", "data_source"]
+    assert dataset.extras([5, 0, 39, 5, -1]) == {"answer": [answers[5], answers[0], answers[39], answers[5],
+                                                            answers[39]],
+                                                 "data_source": [sources[5], sources[0], sources[39], sources[5],
+                                                                 sources[39]]}
+    assert dataset.extras([]) == {"answer": [], "data_source": []}
+    with pytest.raises(IndexError):
+        dataset.extras([40])
+
+    # a dataset without extra columns has none
+    run_preprocess(PreprocessConfig(input=str(tmp_path / "answers.parquet"), output_prefix=str(tmp_path / "plain"),
+                                    tokenizer_name_or_path=str(example_model_dir), max_samples=5))
+    plain = PromptDataset(tmp_path / "plain")
+    assert plain.extra_columns == [] and plain.extras([0, 1]) == {}
+
+    # the metadata promises extra columns: a missing or short file is refused, naming it
+    (tmp_path / "ds_extra.parquet").rename(tmp_path / "kept.parquet")
+    with pytest.raises(ValueError, match="ds_extra.parquet not found"):
+        PromptDataset(tmp_path / "ds")
+    pq.write_table(pq.read_table(tmp_path / "kept.parquet").slice(0, 39), tmp_path / "ds_extra.parquet")
+    with pytest.raises(ValueError, match="39 rows of extra columns for 40 prompts"):
+        PromptDataset(tmp_path / "ds")

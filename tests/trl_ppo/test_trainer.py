@@ -51,11 +51,12 @@ def assets(tmp_path_factory, example_model_dir, shared_data):
     return root
 
 
-def ppo(assets, out, nproc=1, extra=(), iters=2):
+def ppo(assets, out, nproc=1, extra=(), iters=2, reward_model=True):
     """Run PPO and return (process, metrics.jsonl records)."""
+    rm = ["--reward-model", str(assets / "rm")] if reward_model else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "pretrain_gpt.py", "--stage", "trl_ppo", "--ref-model", str(assets / "actor"),
-           "--reward-model", str(assets / "rm"), "--data-path", str(assets / "alpaca"),
+           *rm, "--data-path", str(assets / "alpaca"),
            "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(iters), "--lr", "1e-3",
            "--critic-lr", "1e-3", "--max-new-tokens", "12", "--kl-coef", "0.05", "--save", str(out),
            "--log-interval", "1", "--sample-interval", "0", *extra]
@@ -88,8 +89,8 @@ def reference(assets, tmp_path_factory):
 
 
 REQUIRED_METRICS = ["pg_loss", "abs_pg_loss", "ppo_ratio", "ppo_ratio_clamped", "pg_clipfrac", "approx_kl",
-                    "entropy", "kl", "kl_coef", "score_mean", "reward_mean", "response_length", "lr", "vf_loss",
-                    "vf_clipfrac", "explained_var", "value_mean"]
+                    "entropy", "kl", "kl_coef", "score_mean", "reward_mean", "response_length", "lr", "critic_lr",
+                    "vf_loss", "vf_clipfrac", "explained_var", "vpred_mean"]
 
 
 def test_single_process_run_logs_every_metric_and_saves(reference):
@@ -169,6 +170,7 @@ def test_options_group_estimator_kl_loss_entropy_ptx_ema_reward_function(assets,
     (["--data-path", "/nonexistent/prefix"], "/nonexistent/prefix"),
     (["--ref-model", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
     (["--top-p", "0"], "--top-p"),
+    (["--lr-warmup-iters", "2"], "--lr-warmup-iters 2 must be smaller than the 2 optimiser steps"),
 ])
 def test_bad_input_is_a_one_line_error(assets, tmp_path, extra, message):
     nproc = 2 if "--global-batch-size" in extra else 1
@@ -192,3 +194,66 @@ def test_mismatched_reward_vocabulary_is_rejected(assets, tmp_path):
     cmd_extra = ["--reward-model", str(tmp_path / "small_rm")]
     proc, _ = ppo(assets, tmp_path / "out", extra=cmd_extra)
     assert proc.returncode != 0 and "vocabulary size 1000" in proc.stderr
+
+
+def test_logged_learning_rates_are_those_of_the_steps_that_ran(assets, tmp_path):
+    # cosine from the peak to --min-lr over the run's 2 optimiser steps (one per iteration), no warm-up:
+    # step 1 runs at the peak, step 2 at min + (peak - min) * (1 + cos(pi * 1/2)) / 2
+    extra = ["--lr", "1e-3", "--critic-lr", "5e-4", "--min-lr", "1e-4", "--lr-decay-style", "cosine",
+             "--lr-warmup-iters", "0"]
+    proc, records = ppo(assets, tmp_path / "out", extra=extra)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    middle = (1 + math.cos(math.pi / 2)) / 2
+    assert [r["lr"] for r in records] == pytest.approx([1e-3, 1e-4 + (1e-3 - 1e-4) * middle], rel=1e-6)
+    assert [r["critic_lr"] for r in records] == pytest.approx([5e-4, 1e-4 + (5e-4 - 1e-4) * middle], rel=1e-6)
+    # the critic's mean prediction is logged once, as vpred_mean (value_mean was the same number twice)
+    for record in records:
+        assert "value_mean" not in record and math.isfinite(record["vpred_mean"])
+    critic_lines = [line for line in proc.stdout.splitlines() if "| critic |" in line]
+    assert len(critic_lines) == 2 and all("vpred_mean:" in line and "critic_lr:" in line for line in critic_lines)
+
+
+def test_reward_function_reads_each_rows_answer(assets, tmp_path, shared_data, example_model_dir):
+    """The answer column kept at preprocessing reaches the reward function beside the response to its own row:
+    in training (also in a dynamic-sampling round whose prompt ids are offset by the dataset size) and in
+    validation, where the rows are the held-out dataset's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def answer_dataset(source, rows, prefix):
+        # every third row's answer is text no prompt holds, the others' the row's own instruction
+        table = pq.read_table(source).slice(0, rows).to_pylist()
+        data = [{"instruction": r["instruction"], "input": r["input"],
+                 "answer": "an answer no prompt holds" if k % 3 == 0 else r["instruction"]}
+                for k, r in enumerate(table)]
+        pq.write_table(pa.Table.from_pylist(data), tmp_path / f"{prefix}.parquet")
+        proc = _run([sys.executable, "preprocess_data.py", "--input", str(tmp_path / f"{prefix}.parquet"),
+                     "--tokenizer-name-or-path", str(example_model_dir), "--output-prefix", str(tmp_path / prefix),
+                     "--prompt-type", "hf", "--seq-length", "200", "--extra-columns", "answer"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        meta = json.loads((tmp_path / f"{prefix}_meta.json").read_text())
+        assert meta["skipped"]["too_long"] == 0  # document k is row k
+        return {r["instruction"]: (0.0 if k % 3 == 0 else 1.0) for k, r in enumerate(table)}
+
+    expected = answer_dataset(shared_data / "alpaca_en_800.parquet", 24, "train")
+    expected.update(answer_dataset(shared_data / "alpaca_en_199_eval.parquet", 8, "held_out"))
+    rule = tmp_path / "rule.py"
+    rule.write_text("def answer_in_prompt(prompts, responses, answer):\n"
+                    "    return [1.0 if a and a in p else 0.0 for p, a in zip(prompts, answer)]\n")
+    extra = ["--data-path", str(tmp_path / "train"), "--reward-function", f"{rule}:answer_in_prompt",
+             "--adv-estimator", "grpo", "--n-samples-per-prompt", "2", "--do-sample", "--dynamic-sampling",
+             "--dynamic-sampling-max-rounds", "2", "--eval-data-path", str(tmp_path / "held_out"),
+             "--eval-samples", "4", "--log-samples", "8"]
+    proc, records = ppo(assets, tmp_path / "out", extra=extra, iters=1, reward_model=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # a response's score depends on its prompt only, so no group is informative: a second round was drawn
+    assert records[-1]["dynamic_sampling/rounds"] == 2
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    splits = [s["split"] for s in samples]
+    assert splits.count("train") == 8 and splits.count("eval") == 8  # eval: iteration 0 and 1, 4 prompts each
+    for sample in samples:
+        rows = [instruction for instruction in expected if instruction in sample["prompt"]]
+        assert len(rows) == 1, sample["prompt"]
+        assert sample["score"] == expected[rows[0]], sample
+    # held-out rows 0 and 3 have the foreign answer, rows 1 and 2 their own: both kinds were scored
+    assert {s["score"] for s in samples if s["split"] == "eval"} == {0.0, 1.0}
