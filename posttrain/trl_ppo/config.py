@@ -24,6 +24,9 @@ POLICY_LOSSES = list(core_algos.policy_loss_names())
 LOSS_AGG_MODES = list(core_algos.LOSS_AGG_MODES)
 ROLLOUT_CORRECTIONS = list(core_algos.ROLLOUT_CORRECTION_MODES)
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+CRITIC_ESTIMATORS = ("gae",)
+"""Estimators that read the critic's values; with any other no critic is built or trained (verl ``use_critic``
+follows the estimator the same way; TRL's GRPO and OpenRLHF's group estimators have none either)."""
 SEQUENCE_POLICY_LOSSES = ("gspo", "gspo_token")
 
 
@@ -35,7 +38,7 @@ class PPOArgs:
     ref_model: str = arg(help="actor and reference checkpoint (causal LM, converted with convert_ckpt.py)")
     reward_model: Optional[str] = arg(None, "reward checkpoint (value head); also initialises the critic")
     critic_model: Optional[str] = arg(None, "critic checkpoint (default: --reward-model, else the actor with a fresh "
-                                            "value head)")
+                                            "value head); only --adv-estimator gae has a critic")
     reward_function: Optional[str] = arg(None, "rule-based reward 'module:callable' or 'file.py:callable', called "
                                                "as fn(prompts: list[str], responses: list[str], **columns) -> "
                                                "list[float], columns being the dataset's extra columns "
@@ -69,7 +72,7 @@ class PPOArgs:
     ppo_epochs: int = arg(1, "passes over each rollout; with 1 and the default --ppo-mini-batch-size (one step "
                              "per iteration) --clip-ratio and --cliprange-value never act")
     n_samples_per_prompt: int = arg(1, "responses per prompt (group estimators need > 1)")
-    critic_lr: Optional[float] = arg(None, "critic learning rate (default: --lr)")
+    critic_lr: Optional[float] = arg(None, "critic learning rate (default: --lr; unused without a critic)")
     # rollout
     max_prompt_length: int = arg(256, "longest prompt in tokens")
     prompt_truncation: str = arg("left", "longer prompts: keep their last tokens, or skip them",
@@ -155,6 +158,9 @@ class PPOArgs:
         check_range("--overlong-buffer-len", self.overlong_buffer_len, ge=0, lt=self.max_new_tokens)
         check_range("--overlong-penalty-factor", self.overlong_penalty_factor, ge=0.0)
         check_range("--tis-cap", self.tis_cap, gt=0.0)
+        if self.critic_model is not None and not self.uses_critic:
+            raise ArgumentError(f"--critic-model: --adv-estimator {self.adv_estimator} has no critic (only "
+                                f"{'/'.join(CRITIC_ESTIMATORS)} reads values)")
         if self.adv_estimator in GROUP_ESTIMATORS and self.n_samples_per_prompt < 2:
             raise ArgumentError(f"--adv-estimator {self.adv_estimator} needs --n-samples-per-prompt >= 2")
         # coefficients, checked where the flags are parsed (before anything is built or written)
@@ -178,6 +184,11 @@ class PPOArgs:
         check_range("--critic-lr", self.critic_lr, ge=0.0)
         check_range("--moe-aux-loss-coeff", self.moe_aux_loss_coeff, ge=0.0)
         check_range("--ema-decay", self.ema_decay, gt=0.0, lt=1.0)
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether the advantage estimator reads critic values (:data:`CRITIC_ESTIMATORS`)."""
+        return self.adv_estimator in CRITIC_ESTIMATORS
 
     @property
     def rollout_size(self) -> int:

@@ -1,9 +1,9 @@
 """The models of PPO and where scores come from: actor, reference, critic, reward model, reward function.
 
-* :class:`PPOModels` builds the four model slots from their checkpoints (actor and reference from
-  ``--ref-model``; the critic from ``--critic-model``, else ``--reward-model``, else the actor with a fresh value
-  head; the reward model from ``--reward-model``), checks that they share one vocabulary, and resolves the stop
-  and pad tokens.
+* :class:`PPOModels` builds the model slots from their checkpoints (actor and reference from ``--ref-model``;
+  the critic, for ``--adv-estimator gae`` only, from ``--critic-model``, else ``--reward-model``, else the actor
+  with a fresh value head; the reward model from ``--reward-model``), checks that they share one vocabulary, and
+  resolves the stop and pad tokens.
 * :class:`RewardFunction` loads a rule-based reward (``--reward-function module:callable``), calls it once on a
   probe batch at start-up, and checks every result it returns.
 """
@@ -150,7 +150,7 @@ class RewardFunction:
 
 
 class PPOModels:
-    """The four model slots of PPO (see the module docstring).
+    """The model slots of PPO (see the module docstring).
 
     Args:
         ppo: PPO flags (checkpoints, MoE loss coefficient, critic LR).
@@ -159,7 +159,8 @@ class PPOModels:
         eos_token_id, pad_token_id: from the prompt dataset's metadata (None: from the actor's config).
 
     Attributes:
-        actor, reference, critic: slots; reward: slot or None (reward function only).
+        actor, reference: slots; critic: slot, or None for estimators without values (``PPOArgs.uses_critic``);
+        reward: slot or None (reward function only).
         eos_ids: stop tokens (EOS and ``--stop-token-ids``). pad_id: fills responses after their end.
         vocab_size: the real vocabulary size. score_pooling: the reward model's (``last`` / ``response_mean``).
 
@@ -189,9 +190,10 @@ class PPOModels:
                 self.score_pooling = checkpoint_score_pooling(reward_meta)
             except ValueError as exc:
                 raise ArgumentError(f"--reward-model {ppo.reward_model}: {exc}") from None
-        critic_path = ppo.critic_model or ppo.reward_model or ppo.ref_model
-        critic_meta = read_checkpoint_meta(critic_path)
-        self._check_vocab("--critic-model", critic_meta)
+        critic_path = (ppo.critic_model or ppo.reward_model or ppo.ref_model) if ppo.uses_critic else None
+        if critic_path:
+            critic_meta = read_checkpoint_meta(critic_path)
+            self._check_vocab("--critic-model", critic_meta)
 
         moe = {}
         hf = actor_meta["hf_config"]
@@ -203,9 +205,10 @@ class PPOModels:
                                           meta=actor_meta, **moe)
         self.reward = (build_model_slot("reward", ppo.reward_model, "value", model_args, seed=seed,
                                         meta=reward_meta) if ppo.reward_model else None)
-        self.critic = build_model_slot("critic", critic_path, "value", model_args, seed=seed, meta=critic_meta,
-                                       optim_args=optim_args, train_steps=train_steps,
-                                       lr=ppo.critic_lr if ppo.critic_lr is not None else optim_args.lr)
+        self.critic = (build_model_slot("critic", critic_path, "value", model_args, seed=seed, meta=critic_meta,
+                                        optim_args=optim_args, train_steps=train_steps,
+                                        lr=ppo.critic_lr if ppo.critic_lr is not None else optim_args.lr)
+                       if critic_path else None)
 
     @staticmethod
     def _special_tokens(hf_config: dict, eos, pad, stop_token_ids: Sequence[int]) -> tuple[list[int], int]:
@@ -229,5 +232,5 @@ class PPOModels:
 
     @property
     def trained(self) -> list[ModelSlot]:
-        """The slots with optimisers (actor, critic), in checkpoint order."""
-        return [self.actor, self.critic]
+        """The slots with optimisers (actor, and the critic when there is one), in checkpoint order."""
+        return [self.actor] + ([self.critic] if self.critic is not None else [])

@@ -10,6 +10,9 @@ One iteration is a sequence of named phases over a :class:`~posttrain.trl_ppo.ex
    optional entropy bonus, KL loss and ptx loss) and one critic step (clipped value loss) each, through
    megatron's forward-backward schedule in micro-batches.
 
+Only ``--adv-estimator gae`` reads values: with the critic-free estimators (``grpo``, ``dr_grpo``, ``rloo``,
+``reinforce_plus_plus``) there is no critic, no value forward and no critic step.
+
 Loss scaling (why results do not depend on DP size or micro-batching): each micro-batch's loss is its share of
 the mini-batch loss, ``core_algos.agg_loss`` with token/sequence counts summed over every micro-batch and DP rank
 of the mini-batch (:class:`~posttrain.trl_ppo.experience.GlobalCounts`). Megatron's schedule divides each
@@ -354,7 +357,8 @@ class PPOTrainer:
         r = batch.response_len
         batch.old_log_probs = self._forward_only(self.actor, batch, self._log_probs, r)
         batch.ref_log_probs = self._forward_only(self.reference, batch, self._log_probs, r)
-        batch.values = self._forward_only(self.critic, batch, self._values, r) * batch.response_mask
+        if self.critic is not None:
+            batch.values = self._forward_only(self.critic, batch, self._values, r) * batch.response_mask
         if batch.scores is None:  # dynamic sampling scores while it draws
             batch.scores = self.score(batch, where=f"at iteration {iteration + 1}")
         args = self.args
@@ -528,8 +532,9 @@ class PPOTrainer:
                 self._train_step(self.actor, actor_micro, seq_length, actor_acc)
                 if self.ema is not None:
                     self._update_ema()
-                critic_micro = [(mb, _forward, partial(self._critic_loss, counts)) for mb in mini.split(mbs)]
-                self._train_step(self.critic, critic_micro, seq_length, critic_acc)
+                if self.critic is not None:
+                    critic_micro = [(mb, _forward, partial(self._critic_loss, counts)) for mb in mini.split(mbs)]
+                    self._train_step(self.critic, critic_micro, seq_length, critic_acc)
         return actor_acc, critic_acc
 
     # ------------------------------------------------------------------ one iteration
@@ -572,7 +577,8 @@ class PPOTrainer:
         metrics = rollout.reduce(dp_sum, dp_max)
         metrics.update(kl_coef=float(self.kl_ctl.value))
         metrics.update(actor.reduce(dp_sum))
-        metrics.update(critic.reduce(dp_sum))
+        if self.critic is not None:
+            metrics.update(critic.reduce(dp_sum))
         if "explained_variance" in metrics:
             metrics["explained_var"] = metrics.pop("explained_variance")
         return parallel.broadcast_object_from_last_stage(metrics)
@@ -592,7 +598,7 @@ class PPOTrainer:
         critic = head + " critic |" + "".join(f" {k}: {_fmt(metrics.get(k))} |" for k in self.CRITIC_KEYS)
         times = " | ".join(f"{k[5:]} {v:.2f}s" for k, v in metrics.items() if k.startswith("time/"))
         perf = head + f" time | {times} | generated tokens/s {metrics['perf/generated_tokens_per_s']:.1f}"
-        lines = [actor, critic, perf]
+        lines = [actor, critic, perf] if self.critic is not None else [actor, perf]
         if "eval/score_mean" in metrics:
             lines.append(self._eval_line(it, metrics))
         self.logger.log(it, metrics, lines)
@@ -689,7 +695,7 @@ class PPOTrainer:
                 "args": {title: asdict(obj) for (_, title), obj in zip(ARG_GROUPS, self._arg_objects())}}
 
     def save(self) -> Path:
-        """Write actor and critic (models, optimisers, schedulers), the EMA actor, RNG and trainer state."""
+        """Write actor and critic if any (models, optimisers, schedulers), the EMA actor, RNG and trainer state."""
         extra = {"actor_ema": self._write_ema} if self.ema is not None else {}
         return self.checkpoint.save(self.iteration, self.models.trained, self._trainer_state(), extra)
 

@@ -74,6 +74,16 @@ def test_an_actor_without_an_eos_token_needs_stop_token_ids():
     assert PPOModels._special_tokens({"vocab_size": 300}, None, None, [7]) == ([7], 7)
 
 
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_plus_plus"])
+def test_critic_free_estimators_have_no_critic_and_refuse_a_critic_checkpoint(estimator):
+    group = ["--n-samples-per-prompt", "2"]
+    assert not parse(["--adv-estimator", estimator] + group)[0].uses_critic
+    assert not parse(["--adv-estimator", estimator, "--critic-lr", "1e-6"] + group)[0].uses_critic  # shared flags
+    assert parse([])[0].uses_critic and parse(["--critic-model", "CRITIC"])[0].uses_critic  # gae reads values
+    with pytest.raises(ArgumentError, match=f"^--critic-model: --adv-estimator {estimator} has no critic"):
+        parse(["--adv-estimator", estimator, "--critic-model", "CRITIC"] + group)
+
+
 def test_the_command_line_fails_in_one_line_before_building_or_writing_anything(tmp_path):
     proc = subprocess.run([sys.executable, "pretrain_gpt.py", "--stage", "trl_ppo", *BASE, "--clip-ratio=-1",
                            "--save", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)

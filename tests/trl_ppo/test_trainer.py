@@ -88,9 +88,10 @@ def reference(assets, tmp_path_factory):
     return out, records
 
 
-REQUIRED_METRICS = ["pg_loss", "abs_pg_loss", "ppo_ratio", "ppo_ratio_clamped", "pg_clipfrac", "approx_kl",
-                    "entropy", "kl", "kl_coef", "score_mean", "reward_mean", "response_length", "lr", "critic_lr",
-                    "vf_loss", "vf_clipfrac", "explained_var", "vpred_mean"]
+ACTOR_METRICS = ["pg_loss", "abs_pg_loss", "ppo_ratio", "ppo_ratio_clamped", "pg_clipfrac", "approx_kl", "entropy",
+                 "kl", "kl_coef", "score_mean", "reward_mean", "response_length", "lr"]
+CRITIC_METRICS = ["vf_loss", "vf_clipfrac", "explained_var", "vpred_mean", "critic_lr"]
+REQUIRED_METRICS = ACTOR_METRICS + CRITIC_METRICS
 
 
 def test_single_process_run_logs_every_metric_and_saves(reference):
@@ -157,10 +158,16 @@ def test_options_group_estimator_kl_loss_entropy_ptx_ema_reward_function(assets,
     proc, records = ppo(assets, tmp_path / "out", extra=extra)
     assert proc.returncode == 0, proc.stderr[-4000:]
     last = records[-1]
-    for key in REQUIRED_METRICS + ["kl_loss", "ptx_loss", "eval/score_mean"]:
+    for key in ACTOR_METRICS + ["kl_loss", "ptx_loss", "eval/score_mean"]:
         assert math.isfinite(last[key]), key
     assert last["num_sequences"] == 8
-    assert (tmp_path / "out" / "iter_0000002" / "actor_ema" / "posttrain_checkpoint.json").is_file()
+    saved = tmp_path / "out" / "iter_0000002"
+    assert (saved / "actor_ema" / "posttrain_checkpoint.json").is_file()
+    # GRPO reads no values: no critic is built, trained, logged or saved
+    assert not set(CRITIC_METRICS + ["critic_lr", "critic_grad_norm"]) & set(last)
+    assert " critic |" not in proc.stdout
+    assert (saved / "actor").is_dir() and (saved / "optimizer" / "actor").exists()
+    assert not (saved / "critic").exists() and not (saved / "optimizer" / "critic").exists()
     # adaptive controller moved the coefficient off its initial value
     assert records[-1]["kl_coef"] != pytest.approx(0.3)
 
