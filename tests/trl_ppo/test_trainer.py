@@ -264,3 +264,35 @@ def test_reward_function_reads_each_rows_answer(assets, tmp_path, shared_data, e
         assert sample["score"] == expected[rows[0]], sample
     # held-out rows 0 and 3 have the foreign answer, rows 1 and 2 their own: both kinds were scored
     assert {s["score"] for s in samples if s["split"] == "eval"} == {0.0, 1.0}
+
+
+def test_iteration_0_validation_runs_on_the_loaded_weights_before_any_update(assets, tmp_path):
+    from tests.torchrun_utils import run_torchrun
+
+    out = tmp_path / "out"
+    args = ["--ref-model", str(assets / "actor"), "--reward-model", str(assets / "rm"),
+            "--data-path", str(assets / "alpaca"), "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--train-iters", "2", "--lr", "1e-3", "--critic-lr", "1e-3", "--max-new-tokens", "12",
+            "--save", str(out), "--log-interval", "1", "--sample-interval", "0",
+            "--eval-data-path", str(assets / "alpaca"), "--eval-samples", "4", "--eval-interval", "1"]
+    [result] = run_torchrun("ppo_eval_order_worker.py", args, tmp_path / "worker", nproc=1)
+    assert result["exit_code"] == 0
+    events = result["events"]
+    assert [(e["kind"], e["iteration"]) for e in events] == [
+        ("evaluate", 0), ("step", 0), ("evaluate", 1), ("step", 1), ("evaluate", 2)]
+    first = events[0]
+    # before any update: no optimiser step, and the actor's weights are exactly the loaded ones
+    assert first["actor_lr_steps"] == 0 and first["actor_ref_max_diff"] == 0.0
+    # the comparison sees updates: after the first iteration the actor has moved off the loaded weights
+    assert events[2]["actor_lr_steps"] == 1 and events[2]["actor_ref_max_diff"] > 0.0
+    assert first["metrics"]["eval/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert events[2]["metrics"]["eval/kl"] != pytest.approx(0.0, abs=1e-6)
+    # the iteration-0 numbers are the first record of metrics.jsonl, alone (no training metrics yet)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1, 2]
+    assert "pg_loss" not in records[0]
+    for key in ("eval/score_mean", "eval/score_stderr", "eval/response_length", "eval/eos_frac", "eval/kl",
+                "eval/num_prompts"):
+        assert records[0][key] == pytest.approx(first["metrics"][key], rel=1e-6, abs=1e-9), key
+    assert records[0]["eval/num_prompts"] == 4
+    assert records[1]["eval/score_mean"] == pytest.approx(events[2]["metrics"]["eval/score_mean"], rel=1e-6)

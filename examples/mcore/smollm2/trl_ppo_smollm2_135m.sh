@@ -13,8 +13,14 @@
 #                 (an untrained reward: PPO then optimises noise, useful only to exercise the pipeline)
 #   TP, PP        parallel layout over the 2 processes (default TP=1, PP=1: DP=2; SmolLM2 has 9 attention
 #                 heads and 3 KV heads, so TP must divide 3 and TP=2 is impossible for it)
-#   ITERS, GBS, MBS, MAX_NEW_TOKENS, LR, PRECISION (auto|bf16|fp32; auto: bf16 where this CPU multiplies bf16 at least
-#                 1.3x faster than fp32, measured by tools/choose_precision.py, else fp32), EVAL_INTERVAL, EVAL_SAMPLES, SAVE_INTERVAL
+#   ITERS (20), GBS prompts per iteration (8), MBS (2), MAX_NEW_TOKENS (64), PRECISION (auto|bf16|fp32; auto: bf16
+#                 where this CPU multiplies bf16 at least 1.3x faster than fp32, measured by tools/choose_precision.py,
+#                 else fp32), EVAL_INTERVAL (10), EVAL_SAMPLES held-out prompts per validation (64), SAVE_INTERVAL (10)
+#   LR (3e-5), CRITIC_LR (1e-5), KL_COEF (0.02), PPO_EPOCHS (1), MINI_BATCH sequences per optimiser step (4: two
+#                 steps per iteration, so the second is off-policy and the clip acts), MISSING_EOS_PENALTY (0: off;
+#                 the reward model's scores span hundredths, a penalty of 1 drowns them). Scores are normalised
+#                 (--normalize-reward), so the KL coefficient weighs nats against standard deviations of the score.
+#                 These defaults are the ones docs/trl_ppo.md measured (Learning on the example).
 #   POSTTRAIN_VENV the environment scripts/install.sh creates and this script uses (default .venv)
 #   DRY_RUN=1      print the commands (install, conversion, preprocessing, training, export) without running any
 set -euo pipefail
@@ -26,8 +32,11 @@ DATA=${DATA:-../shared/data/alpaca_en_800.parquet}
 EVAL_DATA=${EVAL_DATA-../shared/data/alpaca_en_199_eval.parquet}
 RM=${RM:-train}
 TP=${TP:-1}; PP=${PP:-1}
-ITERS=${ITERS:-20}; GBS=${GBS:-8}; MBS=${MBS:-4}; MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}; LR=${LR:-1e-6}
-PRECISION=${PRECISION:-auto}; EVAL_INTERVAL=${EVAL_INTERVAL:-10}; SAVE_INTERVAL=${SAVE_INTERVAL:-10}
+ITERS=${ITERS:-20}; GBS=${GBS:-8}; MBS=${MBS:-2}; MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}
+LR=${LR:-3e-5}; CRITIC_LR=${CRITIC_LR:-1e-5}; KL_COEF=${KL_COEF:-0.02}; PPO_EPOCHS=${PPO_EPOCHS:-1}
+MINI_BATCH=${MINI_BATCH:-4}; MISSING_EOS_PENALTY=${MISSING_EOS_PENALTY:-0}
+PRECISION=${PRECISION:-auto}; EVAL_INTERVAL=${EVAL_INTERVAL:-10}; EVAL_SAMPLES=${EVAL_SAMPLES:-64}
+SAVE_INTERVAL=${SAVE_INTERVAL:-10}
 NPROC=${NPROC:-2}
 
 run bash scripts/install.sh
@@ -86,26 +95,34 @@ if [ -n "$EVAL_DATA" ]; then
       --output-prefix "$OUT/data/alpaca_eval" --workers 2 --log-interval 400 \
       --handler-name PPOAlpacaStyleInstructionHandler --prompt-type hf --seq-length 256
   fi
-  EVAL_ARGS=(--eval-data-path "$OUT/data/alpaca_eval" --eval-interval "$EVAL_INTERVAL" --eval-samples "${EVAL_SAMPLES:-32}")
+  EVAL_ARGS=(--eval-data-path "$OUT/data/alpaca_eval" --eval-interval "$EVAL_INTERVAL" --eval-samples "$EVAL_SAMPLES")
 fi
 PRECISION_ARGS=()
 if [ "$PRECISION" = "auto" ]; then
   if [ "$DRY_RUN" = 1 ]; then run "$PY" tools/choose_precision.py; PRECISION=fp32; else PRECISION=$("$PY" tools/choose_precision.py); fi
 fi
 [ "$PRECISION" = "bf16" ] && PRECISION_ARGS=(--bf16)
+EOS_ARGS=()
+[ "$MISSING_EOS_PENALTY" != 0 ] && EOS_ARGS=(--missing-eos-penalty "$MISSING_EOS_PENALTY")
+# a mini-batch larger than the rollout (a short test schedule) is the whole rollout
+[ "$MINI_BATCH" -gt "$GBS" ] && MINI_BATCH=$GBS
 
 step "PPO"
 run "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" pretrain_gpt.py --stage trl_ppo \
   --ref-model "$OUT/actor_mcore" --reward-model "$REWARD_MODEL" --data-path "$OUT/data/alpaca" \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
-  --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$ITERS" --lr "$LR" "${PRECISION_ARGS[@]}" \
+  --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$ITERS" "${PRECISION_ARGS[@]}" \
+  --lr "$LR" --critic-lr "$CRITIC_LR" --ppo-epochs "$PPO_EPOCHS" --ppo-mini-batch-size "$MINI_BATCH" \
   --max-new-tokens "$MAX_NEW_TOKENS" --do-sample --temperature 1.0 --top-p 1.0 \
-  --kl-coef 0.05 --gamma 1.0 --lam 0.95 --clip-ratio 0.2 --cliprange-value 0.2 \
-  --max-prompt-length 256 --missing-eos-penalty 1.0 \
+  --kl-coef "$KL_COEF" --normalize-reward --gamma 1.0 --lam 0.95 --clip-ratio 0.2 --cliprange-value 0.2 \
+  --max-prompt-length 256 "${EOS_ARGS[@]}" \
   --save "$OUT/ppo" --save-interval "$SAVE_INTERVAL" --log-interval 1 --tensorboard-dir "$OUT/tensorboard" \
   "${EVAL_ARGS[@]}"
+
+step "curves"
+run "$PY" tools/plot_metrics.py "$OUT/ppo" --title "PPO on SmolLM2-135M-Instruct" --output "$OUT/ppo/curves.png"
 
 step "trained actor -> HF"
 run "$PY" convert_ckpt.py --direction mcore2hf --load-dir "$(latest_checkpoint "$OUT/ppo")/actor" \
   --save-dir "$OUT/actor_hf" --overwrite
-echo "done: metrics $OUT/ppo/metrics.jsonl, TensorBoard $OUT/tensorboard, HF model $OUT/actor_hf"
+echo "done: metrics $OUT/ppo/metrics.jsonl, curves $OUT/ppo/curves.png, samples $OUT/ppo/samples.jsonl, TensorBoard $OUT/tensorboard, HF model $OUT/actor_hf"
