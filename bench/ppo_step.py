@@ -28,6 +28,22 @@ second), and the median CPU seconds (all threads) per iteration (``cpu-s/iter``,
 than wall time; about 2x the wall time on an idle 2-core machine). Before each run it waits (up to ``--max-wait`` seconds in all) until other processes use less than
 ``--max-busy`` cores.
 
+It also prints, from the same run:
+
+* the per-phase ratios posttrain / TRL (generate, experience, train; medians of the timed iterations);
+* this machine's fp32 (or bf16) **GEMM rate**: ``--gemm-size``-square matmuls in a fresh process with the same
+  thread count, timed just before and just after each system's run (the table gives the median and the best);
+* the **training phase's achieved GFLOP/s** and its fraction of the GEMM rate measured beside it. The FLOPs are
+  counted from the model shape and the actual token counts (:func:`train_flops`): with ``B`` sequences of ``S``
+  positions (``S`` = padded prompt length + response length, pads included: they are computed), ``L`` layers,
+  hidden ``h``, ``n_q`` query heads and ``n_kv`` key/value heads of width ``d``, MLP width ``f`` (SwiGLU: three
+  ``h x f`` matrices) and padded vocabulary ``V``, one forward costs
+  ``2 B S (L (h d (n_q + 2 n_kv) + n_q d h + 3 h f) + h V) + 4 B S^2 n_q d L`` FLOPs (matmul weights, then the
+  ``QK^T`` and ``PV`` products over the full ``S x S`` score matrix that the attention computes); the critic's
+  forward has no ``h V`` term (a scalar head). A training step is forward + backward = 3x its forward; the train
+  phase of one PPO epoch of one mini-batch is one actor step plus one critic step. Elementwise work (norms,
+  softmax, optimiser) is not counted, so the fraction is what the GEMMs achieve of the matmul peak.
+
 Usage (after ``bash scripts/install.sh``; everything else is prepared into ``--workdir``)::
 
     .venv/bin/python bench/ppo_step.py                       # fp32 and bf16, posttrain and TRL
@@ -242,6 +258,52 @@ def run_measured(cmd, env, log_path: Path, done=None, progress=None) -> dict:
             "own_cores": own / wall, "others_cores": max(0.0, (busy1 - busy0 - own) / wall)}
 
 
+GEMM_CODE = """
+import json, sys, time, torch
+n, reps, dtype = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3])
+a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+torch.mm(a, b)
+rates = []
+for _ in range(reps):
+    t = time.perf_counter(); torch.mm(a, b); rates.append(2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+print(json.dumps({"gflops": rates, "threads": torch.get_num_threads()}))
+"""
+
+
+def gemm_rate(py: str, precision: str, threads, size: int, reps: int = 5) -> dict:
+    """GFLOP/s of ``size``-square matmuls (fp32 or bf16) in a fresh process with the runs' thread count."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    dtype = "bfloat16" if precision == "bf16" else "float32"
+    return json.loads(run_checked([py, "-c", GEMM_CODE, str(size), str(reps), dtype], env=env).strip().splitlines()[-1])
+
+
+def model_shape(hf_dir: str) -> dict:
+    """The numbers :func:`train_flops` needs, from the HF ``config.json``."""
+    cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    vocab = cfg["vocab_size"]
+    return {"layers": cfg["num_hidden_layers"], "hidden": cfg["hidden_size"], "heads": heads,
+            "kv_heads": cfg.get("num_key_value_heads", heads),
+            "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // heads, "ffn": cfg["intermediate_size"],
+            "vocab_padded": -(-vocab // 128) * 128}
+
+
+def forward_flops(shape: dict, batch: int, seq: int, lm_head: bool) -> float:
+    """FLOPs of one forward over ``batch`` x ``seq`` positions (see the module docstring for the formula)."""
+    h, d, L = shape["hidden"], shape["head_dim"], shape["layers"]
+    per_layer = h * d * (shape["heads"] + 2 * shape["kv_heads"]) + shape["heads"] * d * h + 3 * h * shape["ffn"]
+    weights = L * per_layer + (h * shape["vocab_padded"] if lm_head else 0)
+    attention = 4 * batch * seq * seq * shape["heads"] * d * L
+    return 2 * batch * seq * weights + attention
+
+
+def train_flops(shape: dict, batch: int, seq: int) -> float:
+    """FLOPs of the train phase of workload P: one actor and one critic step (forward + backward = 3 forwards)."""
+    return 3 * (forward_flops(shape, batch, seq, lm_head=True) + forward_flops(shape, batch, seq, lm_head=False))
+
+
 def posttrain_supports(py: str, posttrain_repo: Path, flag: str) -> bool:
     env = dict(os.environ, PYTHONPATH=str(posttrain_repo))
     out = subprocess.run([py, str(posttrain_repo / "pretrain_gpt.py"), "--stage", "trl_ppo", "--help"],
@@ -326,63 +388,8 @@ def run_trl(prep: dict, precision: str, args, trl_py: str, out_dir: Path) -> dic
 
 
 # ------------------------------------------------------------------------------------------------ main
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="posttrain vs TRL seconds per PPO iteration (workload P)")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
-    parser.add_argument("--iters", type=int, default=3, help="timed iterations per run (>= 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
-    parser.add_argument("--skip-trl", action="store_true", help="measure posttrain only")
-    parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench" / "ppo_step",
-                        help="model checkpoints, prompts and run outputs")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Alpaca prompts (parquet)")
-    parser.add_argument("--posttrain-repo", type=Path, default=REPO,
-                        help="checkout whose pretrain_gpt.py/posttrain package is timed (e.g. a patched copy)")
-    parser.add_argument("--trl-autocast", action="store_true",
-                        help="TRL bf16 with ACCELERATE_MIXED_PRECISION=bf16 (real autocast); without it TRL's "
-                             "PPOConfig(bf16=True) computes in fp32 (see bench/trl_ppo_reference.py)")
-    parser.add_argument("--stop-at-eos", action="store_true",
-                        help="do not pass --ignore-eos even when posttrain has it")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="OMP_NUM_THREADS for both systems (default: torch's choice, all cores); 1 gives CPU "
-                             "seconds that hold up on a machine shared with other jobs")
-    parser.add_argument("--max-busy", type=float, default=0.3,
-                        help="wait while other processes keep more than this many cores busy")
-    parser.add_argument("--max-wait", type=float, default=1200.0, help="seconds of waiting for a quiet machine")
-    parser.add_argument("--keep-checkpoints", action="store_true", help="keep posttrain's final checkpoints")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("posttrain_args", nargs="*", help="after --: extra pretrain_gpt.py flags")
-    args = parser.parse_args(argv)
-    args.posttrain_repo = args.posttrain_repo.resolve()
-    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    if not dtypes or any(d not in ("fp32", "bf16") for d in dtypes):
-        parser.error("--dtypes takes fp32 and/or bf16")
-    if args.iters < 1:
-        parser.error("--iters must be >= 1")
-    try:
-        import psutil  # noqa: F401
-    except ImportError:
-        raise SystemExit("error: psutil is needed (pip install psutil into the project's venv)")
-
-    py = sys.executable
-    workdir = args.workdir.resolve()
-    prep = prepare(workdir, args.data.resolve(), py, args.posttrain_repo)
-    trl_py = None if args.skip_trl else ensure_trl_venv(py)
-    out_dir = workdir / "runs"
-    budget = {"left": args.max_wait}
-    results = []
-    for precision in dtypes:
-        row = {"dtype": precision}
-        row["others_before"] = wait_until_quiet(args.max_busy, budget)
-        row["posttrain"] = run_posttrain(prep, precision, args, py, out_dir)
-        log(f"posttrain {precision}: median {row['posttrain']['median_s']:.2f} s/iter, "
-            f"iterations {[round(t, 2) for t in row['posttrain']['iteration_s']]}")
-        if trl_py:
-            wait_until_quiet(args.max_busy, budget)
-            row["trl"] = run_trl(prep, precision, args, trl_py, out_dir)
-            log(f"TRL {precision}: median {row['trl']['median_s']:.2f} s/iter, "
-                f"iterations {[round(t, 2) for t in row['trl']['iteration_s']]}")
-        results.append(row)
-
+def print_report(results: list, prep: dict, args) -> None:
+    """The tables: seconds per iteration, per-phase ratios, training GFLOP/s against the GEMM rate, targets."""
     print()
     print(f"workload P: SmolLM2-135M-Instruct x4, {BATCH} prompts x {NEW_TOKENS} new tokens, sampled, 1 PPO epoch; "
           f"median of {args.iters} iterations after {args.warmup} warm-up; {os.cpu_count()} CPUs, "
@@ -408,6 +415,44 @@ def main(argv=None) -> int:
         p = row["posttrain"]
         print(f"posttrain {row['dtype']}: peak RSS incl. final checkpoint save {p['peak_rss_total'] / GIB:.2f} GiB; "
               f"mean response length {p['response_length_mean']:.1f}")
+    print()
+    print("per phase (median s/iter):")
+    for row in results:
+        p, t = row["posttrain"], row.get("trl")
+        for phase in ("generate", "experience", "train"):
+            mine = p["phases_s"][phase]
+            if t and "phases_s" in t:
+                print(f"  {row['dtype']:<5} {phase:<10} posttrain {mine:6.2f}  TRL {t['phases_s'][phase]:6.2f}  "
+                      f"ratio {mine / t['phases_s'][phase]:.2f}")
+            else:
+                print(f"  {row['dtype']:<5} {phase:<10} posttrain {mine:6.2f}")
+    shape = model_shape(prep["hf_dir"])
+    seq = max(prep["prompt_lengths"]) + NEW_TOKENS
+    flops = train_flops(shape, BATCH, seq)
+    print()
+    print(f"training phase FLOPs per iteration: {flops / 1e9:.0f} GFLOP (actor + critic step, {BATCH} x {seq} "
+          f"positions = padded prompt {max(prep['prompt_lengths'])} + {NEW_TOKENS} new tokens; "
+          f"{sum(prep['prompt_lengths']) + BATCH * NEW_TOKENS} of {BATCH * seq} positions are real tokens)")
+    unreliable = False
+    for row in results:
+        for system in ("posttrain", "trl"):
+            m = row.get(system)
+            if m is None or "phases_s" not in m:
+                continue
+            gemm = row["gemm_gflops"].get(system) or []
+            note = "" if system == "trl" or m.get("full_length") else " (upper bound: responses stop at EOS)"
+            achieved = flops / m["phases_s"]["train"] / 1e9
+            line = f"  {row['dtype']:<5} {system:<10} train phase {m['phases_s']['train']:.2f} s: {achieved:.0f} GFLOP/s"
+            if gemm:
+                rate = statistics.median(gemm)
+                line += (f" = {achieved / rate:.0%} of the GEMM rate measured around its run ({args.gemm_size}^3 "
+                         f"matmuls, {len(gemm)} samples: median {rate:.0f} GFLOP/s, best {max(gemm):.0f})")
+                unreliable |= achieved > rate
+            print(line + note)
+    if unreliable:
+        print("  note: a fraction above 100% means other load changed between the GEMM samples and the run; "
+              "rerun on a quieter machine")
+    print()
     targets = {r["dtype"]: r for r in results}
     if "fp32" in targets and "trl" in targets["fp32"]:
         ratio = targets["fp32"]["posttrain"]["median_s"] / targets["fp32"]["trl"]["median_s"]
@@ -416,7 +461,86 @@ def main(argv=None) -> int:
         t = targets["bf16"]["posttrain"]["median_s"]
         print(f"target bf16 <= 3.0 s/iter: {t:.2f} ({'met' if t <= 3.0 else 'NOT met'})")
     peak = max(r["posttrain"]["peak_rss"] for r in results) / GIB
-    print(f"target peak RSS <= 8 GiB: {peak:.2f} ({'met' if peak <= 8 else 'NOT met'})")
+    print(f"target peak RSS <= 6 GiB: {peak:.2f} ({'met' if peak <= 6 else 'NOT met'})")
+    for row in results:
+        gemm = row["gemm_gflops"]["posttrain"]
+        if gemm and row["dtype"] == "fp32":
+            frac = flops / row["posttrain"]["phases_s"]["train"] / 1e9 / statistics.median(gemm)
+            verdict = "unreliable, see the note" if frac > 1 else "met" if frac >= 0.6 else "NOT met"
+            print(f"target fp32 train phase >= 60% of the GEMM rate: {frac:.0%} ({verdict})")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="posttrain vs TRL seconds per PPO iteration (workload P)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per run (>= 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    parser.add_argument("--skip-trl", action="store_true", help="measure posttrain only")
+    parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench" / "ppo_step",
+                        help="model checkpoints, prompts and run outputs")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Alpaca prompts (parquet)")
+    parser.add_argument("--posttrain-repo", type=Path, default=REPO,
+                        help="checkout whose pretrain_gpt.py/posttrain package is timed (e.g. a patched copy)")
+    parser.add_argument("--trl-autocast", action="store_true",
+                        help="TRL bf16 with ACCELERATE_MIXED_PRECISION=bf16 (real autocast); without it TRL's "
+                             "PPOConfig(bf16=True) computes in fp32 (see bench/trl_ppo_reference.py)")
+    parser.add_argument("--stop-at-eos", action="store_true",
+                        help="do not pass --ignore-eos even when posttrain has it")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS for both systems (default: torch's choice, all cores); 1 gives CPU "
+                             "seconds that hold up on a machine shared with other jobs")
+    parser.add_argument("--max-busy", type=float, default=0.3,
+                        help="wait while other processes keep more than this many cores busy")
+    parser.add_argument("--max-wait", type=float, default=1200.0, help="seconds of waiting for a quiet machine")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep posttrain's final checkpoints")
+    parser.add_argument("--gemm-size", type=int, default=3072,
+                        help="matrix size of the GEMM-rate measurement (0: skip it)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("posttrain_args", nargs="*", help="after --: extra pretrain_gpt.py flags")
+    args = parser.parse_args(argv)
+    args.posttrain_repo = args.posttrain_repo.resolve()
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or any(d not in ("fp32", "bf16") for d in dtypes):
+        parser.error("--dtypes takes fp32 and/or bf16")
+    if args.iters < 1:
+        parser.error("--iters must be >= 1")
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        raise SystemExit("error: psutil is needed (pip install psutil into the project's venv)")
+
+    py = sys.executable
+    workdir = args.workdir.resolve()
+    prep = prepare(workdir, args.data.resolve(), py, args.posttrain_repo)
+    trl_py = None if args.skip_trl else ensure_trl_venv(py)
+    out_dir = workdir / "runs"
+    budget = {"left": args.max_wait}
+    results = []
+    for precision in dtypes:
+        row = {"dtype": precision}
+        row["others_before"] = wait_until_quiet(args.max_busy, budget)
+        # GEMM samples just before and just after each system's run; each system is compared with its own
+        gemm = {"posttrain": [], "trl": []}
+        if args.gemm_size:
+            gemm["posttrain"] += gemm_rate(py, precision, args.threads, args.gemm_size)["gflops"]
+        row["posttrain"] = run_posttrain(prep, precision, args, py, out_dir)
+        if args.gemm_size:
+            between = gemm_rate(py, precision, args.threads, args.gemm_size)["gflops"]
+            gemm["posttrain"] += between
+            gemm["trl"] += between
+        log(f"posttrain {precision}: median {row['posttrain']['median_s']:.2f} s/iter, "
+            f"iterations {[round(t, 2) for t in row['posttrain']['iteration_s']]}")
+        if trl_py:
+            wait_until_quiet(args.max_busy, budget)
+            row["trl"] = run_trl(prep, precision, args, trl_py, out_dir)
+            if args.gemm_size:
+                gemm["trl"] += gemm_rate(py, precision, args.threads, args.gemm_size)["gflops"]
+            log(f"TRL {precision}: median {row['trl']['median_s']:.2f} s/iter, "
+                f"iterations {[round(t, 2) for t in row['trl']['iteration_s']]}")
+        row["gemm_gflops"] = gemm
+        results.append(row)
+
+    print_report(results, prep, args)
     out_json = args.json or workdir / "results.json"
     out_json.write_text(json.dumps(results, indent=2, default=str))
     log(f"results written to {out_json}")
