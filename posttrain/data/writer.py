@@ -201,11 +201,11 @@ class IndexedDatasetWriter:
             ValueError: ``extras`` does not hold one tuple per written row (a caller's bug).
         """
         try:
-            return self._add_chunk(chunk)
+            return self._add_chunk(chunk, extras)
         except OSError as exc:
             raise self._write_failure(exc) from None
 
-    def _add_chunk(self, chunk: EncodedChunk) -> int:
+    def _add_chunk(self, chunk: EncodedChunk, extras: Sequence[tuple]) -> int:
         import torch
 
         added = None

@@ -22,12 +22,12 @@ from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from posttrain import parallel
-from posttrain.trl_ppo.lean_decoder import LeanDecoder
 from posttrain.models.provider import (
     build_attention_mask,
     position_ids_from_attention_mask,
 )
 from posttrain.training.engine import forward_backward
+from posttrain.trl_ppo.lean_decoder import LeanDecoder
 
 
 @dataclass

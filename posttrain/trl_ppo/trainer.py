@@ -26,8 +26,7 @@ import math
 import time
 from dataclasses import asdict
 from functools import partial
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from transformers import AutoTokenizer
@@ -46,9 +45,6 @@ from posttrain.arguments import (
 from posttrain.data.prompt_dataset import PromptDataset, PromptSampler, pad_sequences
 from posttrain.distributed import initialize_distributed
 from posttrain.errors import TrainingDivergedError
-from posttrain.models.checkpoint import load_model_checkpoint, save_model_checkpoint
-from posttrain.models.provider import unwrap_model
-from posttrain.models.value_model import pool_scores
 from posttrain.training import (
     MetricAccumulator,
     MetricsLogger,
@@ -65,17 +61,17 @@ from posttrain.training import (
 from posttrain.trl_ppo import core_algos
 from posttrain.trl_ppo.config import PPOArgs
 from posttrain.trl_ppo.experience import GlobalCounts, PtxMicroBatch, RolloutBatch
+from posttrain.trl_ppo.forwards import PPOForwards, _forward
 from posttrain.trl_ppo.models import PPOModels, RewardFunction
+from posttrain.trl_ppo.reporting import PPOReporting
 from posttrain.trl_ppo.rollout import SamplingParams, generate
-
-EVAL_SEED_SALT = 104_729
-"""Offsets the seed of sampled validation rollouts from the training rollout of the same iteration."""
+from posttrain.trl_ppo.state import PPOState
 
 ARG_GROUPS = ((PPOArgs, "PPO"), (ModelArgs, "model"), (ParallelArgs, "parallelism"), (OptimizerArgs, "optimiser"),
               (CheckpointArgs, "checkpoints"), (LoggingArgs, "logging"))
 
 
-class PPOTrainer:
+class PPOTrainer(PPOForwards, PPOState, PPOReporting):
     """Builds the models and runs PPO iterations (see the module docstring).
 
     Everything that can fail on bad input happens in ``__init__``, before anything is written: flags, data, the
@@ -161,90 +157,6 @@ class PPOTrainer:
         if self._tokenizer is None:
             self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
         return self._tokenizer
-
-    # ------------------------------------------------------------------ EMA of the actor
-    def _copy_actor_weights(self) -> dict:
-        return {k: p.detach().clone().float() for k, p in self.actor.model.named_parameters()}
-
-    def _update_ema(self) -> None:
-        decay = self.args.ema_decay
-        with torch.no_grad():
-            for k, p in self.actor.model.named_parameters():
-                self.ema[k].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
-
-    def _write_ema(self, directory: Path) -> None:
-        """Save the EMA weights as a model checkpoint (the actor's own weights are restored afterwards)."""
-        current = {k: p.detach().clone() for k, p in self.actor.model.named_parameters()}
-        with torch.no_grad():
-            for k, p in self.actor.model.named_parameters():
-                p.copy_(self.ema[k].to(p.dtype))
-            save_model_checkpoint(self.actor.model, directory, hf_config=self.actor.hf_config,
-                                  tokenizer_dir=self.tokenizer_dir, iteration=self.iteration, atomic=False)
-            for k, p in self.actor.model.named_parameters():
-                p.copy_(current[k])
-
-    # ------------------------------------------------------------------ forward helpers
-    @staticmethod
-    def _lm_forward(model: torch.nn.Module, mb: RolloutBatch) -> torch.Tensor:
-        """A causal-LM forward whose output layer sees only the positions that predict response tokens
-        (``prompt_len - 1 .. prompt_len + response_len - 2``): logits ``[b, response_len, V/TP]`` on the last
-        pipeline stage. Prompt positions need no logits, so the output layer and the logits' memory shrink to the
-        response part."""
-        inner = unwrap_model(model)
-        if not inner.post_process:
-            return model(*mb.model_inputs())
-        start, end = mb.prompt_len - 1, mb.prompt_len + mb.response_len - 1
-        handle = inner.decoder.register_forward_hook(lambda module, args, hidden: hidden[start:end])  # [s, b, h]
-        try:
-            return model(*mb.model_inputs())
-        finally:
-            handle.remove()
-
-    def _response_logits(self, output: torch.Tensor) -> torch.Tensor:
-        """fp32 logits ``[b, response_len, V/TP]`` divided by the temperature, padded vocabulary entries masked.
-
-        The vocab-parallel kernels then work in place on this tensor: it is the forward's own output (or a copy),
-        which nothing else reads, and whose autograd node keeps no reference to it."""
-        logits = output.float()
-        if self.args.temperature != 1.0:
-            logits = logits.div_(self.args.temperature)
-        return parallel.mask_padded_vocab(logits, self.vocab_size)
-
-    def _log_probs(self, output: torch.Tensor, mb: RolloutBatch) -> torch.Tensor:
-        return parallel.vocab_parallel_log_probs(self._response_logits(output), mb.responses)
-
-    @staticmethod
-    def _values(output: torch.Tensor, mb: RolloutBatch) -> torch.Tensor:
-        """``[b, response_len]`` critic values at the positions that predict the response tokens."""
-        p, r = mb.prompt_len, mb.response_len
-        return output[:, p - 1:p + r - 1].float()
-
-    def _scores(self, output: torch.Tensor, mb: RolloutBatch) -> torch.Tensor:
-        """``[b, 1]`` reward-model scores with the reward checkpoint's pooling."""
-        response_mask = torch.cat([torch.zeros_like(mb.prompt_mask), mb.response_mask], dim=1)
-        return pool_scores(output.float(), mb.attention_mask(), response_mask, self.models.score_pooling)[:, None]
-
-    def _forward_only(self, slot: ModelSlot, batch: RolloutBatch,
-                      compute: Callable[[torch.Tensor, RolloutBatch], torch.Tensor], width: int) -> torch.Tensor:
-        """Run ``slot`` over ``batch`` in micro-batches; ``compute(output, mb) -> [mb, width]`` on the last stage
-        (a causal LM's output holds the response positions only, see :meth:`_lm_forward`).
-
-        Returns ``[batch, width]`` fp32 on every pipeline stage.
-        """
-        forward = self._lm_forward if slot.info.kind == "causal_lm" else _forward
-
-        def step(mb, model):
-            output = forward(model, mb)
-            return output, lambda out: (torch.zeros((), device=out.device),
-                                        {"out": compute(out, mb).detach().float()})
-
-        slot.runnable.eval()
-        with torch.no_grad():
-            results = forward_backward(slot.runnable, step, batch.split(self.args.micro_batch_size),
-                                       seq_length=batch.prompt_len + batch.response_len,
-                                       micro_batch_size=self.args.micro_batch_size, forward_only=True)
-        local = torch.cat([r["out"] for r in results], 0) if results else None
-        return parallel.broadcast_from_last_stage(local, (batch.batch_size, width), torch.float32)
 
     # ------------------------------------------------------------------ phase 1: generate
     def _prompts_for_iteration(self, iteration: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -583,142 +495,12 @@ class PPOTrainer:
             metrics["explained_var"] = metrics.pop("explained_variance")
         return parallel.broadcast_object_from_last_stage(metrics)
 
-    # ------------------------------------------------------------------ logging
-    ACTOR_KEYS = ["pg_loss", "abs_pg_loss", "ppo_ratio", "ppo_ratio_clamped", "pg_clipfrac", "approx_kl", "entropy",
-                  "kl", "kl_coef", "score_mean", "reward_mean", "response_length", "lr"]
-    CRITIC_KEYS = ["vf_loss", "vf_clipfrac", "explained_var", "vpred_mean", "critic_lr"]
-
-    def log(self, metrics: dict) -> None:
-        it = self.iteration
-        if it % self.logging_args.log_interval and it != self.train_iters:
-            self.logger.log(it, metrics)
-            return
-        head = f" iteration {it:6d}/{self.train_iters:6d} |"
-        actor = head + " actor |" + "".join(f" {k}: {_fmt(metrics.get(k))} |" for k in self.ACTOR_KEYS)
-        critic = head + " critic |" + "".join(f" {k}: {_fmt(metrics.get(k))} |" for k in self.CRITIC_KEYS)
-        times = " | ".join(f"{k[5:]} {v:.2f}s" for k, v in metrics.items() if k.startswith("time/"))
-        perf = head + f" time | {times} | generated tokens/s {metrics['perf/generated_tokens_per_s']:.1f}"
-        lines = [actor, critic, perf] if self.critic is not None else [actor, perf]
-        if "eval/score_mean" in metrics:
-            lines.append(self._eval_line(it, metrics))
-        self.logger.log(it, metrics, lines)
-        batch = self._last_batch
-        if self.args.log_samples and batch is not None:
-            self.logger.samples(it, "train", self._sample_rows(batch, self.args.log_samples))
-        interval = self.args.sample_interval
-        if interval and (it % interval == 0 or it == 1) and is_rank0() and batch is not None:
-            prompts, responses = self.decode(batch.select(slice(0, 1)))
-            print(f" sample (iteration {it}) | prompt: {prompts[0]!r} | response: {responses[0]!r} | score: "
-                  f"{float(batch.scores[0]):.4f}", flush=True)
-
-    @staticmethod
-    def _eval_line(iteration: int, metrics: dict) -> str:
-        return (f" iteration {iteration:6d} | validation |"
-                + "".join(f" {k[5:]}: {_fmt(v)} |" for k, v in metrics.items() if k.startswith("eval/")))
-
-    def _sample_rows(self, batch: RolloutBatch, n: int) -> list[dict]:
-        rows = batch.select(slice(0, n))
-        prompts, responses = self.decode(rows)
-        mask = rows.response_mask.float()
-        rewards = (rows.rewards * mask).sum(-1).tolist() if rows.rewards is not None else [None] * len(prompts)
-        return [{"prompt": p, "response": r, "score": float(s), "reward": w, "response_length": int(length)}
-                for p, r, s, w, length in zip(prompts, responses, rows.scores.tolist(), rewards,
-                                              mask.sum(-1).tolist())]
-
-    # ------------------------------------------------------------------ validation
-    def evaluate(self) -> dict:
-        """Validation on the first ``--eval-samples`` held-out prompts, dealt over the DP ranks.
-
-        Returns:
-            ``eval/score_mean`` and ``eval/score_stderr`` (standard error of the mean, ``std / sqrt(n)``),
-            ``eval/response_length`` (tokens), ``eval/eos_frac``, ``eval/kl`` (mean over responses of the summed
-            per-token ``--kl-estimator`` KL between actor and reference on the generated tokens, nats) and
-            ``eval/num_prompts``; greedy responses unless ``--eval-do-sample``.
-        """
-        n = min(self.args.eval_samples, len(self.eval_dataset))
-        dp, rank = parallel.dp_world_size(), parallel.dp_rank()
-        indices = list(range(rank, n, dp))
-        acc = MetricAccumulator()
-        samples: list[dict] = []
-        if self.args.eval_do_sample:
-            sampling = self.sampling
-        else:
-            sampling = SamplingParams(max_new_tokens=self.args.max_new_tokens, do_sample=False,
-                                      stop_token_ids=self.models.eos_ids, pad_token_id=self.pad_id,
-                                      ignore_eos=self.args.ignore_eos)
-        prompts = [self.eval_dataset[i][-self.args.max_prompt_length:] for i in indices]
-        chunk = self.args.rollout_batch_size or max(len(prompts), 1)
-        for s in range(0, len(prompts), chunk):
-            part = prompts[s:s + chunk]
-            # the forwards need micro-batch-sized pieces: pad the chunk with repeats, weighted 0
-            pad_to = -(-len(part) // self.args.micro_batch_size) * self.args.micro_batch_size
-            padded = part + [part[-1]] * (pad_to - len(part))
-            rows = indices[s:s + chunk]  # held-out prompt indices: the reward function reads their columns
-            rows = torch.tensor(rows + [rows[-1]] * (pad_to - len(part)))
-            batch = self.generate_phase(padded, rows, self.iteration, sampling=sampling, salt=EVAL_SEED_SALT)
-            real = slice(0, len(part))
-            scores = self.score(batch, where="in validation", dataset=self.eval_dataset)[real].double()
-            r = batch.response_len
-            actor_lp = self._forward_only(self.actor, batch, self._log_probs, r)[real]
-            ref_lp = self._forward_only(self.reference, batch, self._log_probs, r)[real]
-            mask = batch.response_mask[real].float()
-            kl = (core_algos.kl_penalty(self.args.kl_estimator, actor_lp, ref_lp) * mask).sum(-1)
-            acc.sum_mean("eval/score_mean", scores.sum(), len(part))
-            acc.total("eval/score_sum_sq", scores.square().sum())
-            acc.sum_mean("eval/response_length", mask.sum(), len(part))
-            acc.sum_mean("eval/eos_frac", batch.has_eos[real].float().sum(), len(part))
-            acc.sum_mean("eval/kl", kl.sum(), len(part))
-            acc.total("eval/num_prompts", len(part))
-            if len(samples) < self.args.log_samples:
-                batch.scores = scores.float().to(self.device)
-                samples += self._sample_rows(batch.select(real), self.args.log_samples - len(samples))
-        if not indices:  # every DP rank takes part in the reductions, even without prompts
-            for name in ("eval/score_mean", "eval/response_length", "eval/eos_frac", "eval/kl"):
-                acc.sum_mean(name, 0.0, 0.0)
-            acc.total("eval/score_sum_sq", 0.0)
-            acc.total("eval/num_prompts", 0.0)
-        metrics = acc.reduce(parallel.dp_all_reduce)
-        count, mean = metrics["eval/num_prompts"], metrics["eval/score_mean"]
-        variance = (metrics.pop("eval/score_sum_sq") / count - mean * mean) * count / max(count - 1, 1)
-        metrics["eval/score_stderr"] = math.sqrt(max(variance, 0.0) / max(count, 1))
-        self._eval_samples = samples
-        return metrics
-
-    def _log_evaluation(self) -> None:
-        self.logger.samples(self.iteration, "eval", self._eval_samples)
-
     # ------------------------------------------------------------------ checkpoints
     def _trainer_state(self) -> dict:
         return {"sampler": self.sampler.state_dict(), "kl_controller": self.kl_ctl.state_dict(),
                 "skipped_prompts": self.skipped_prompts,
                 "score_normalizer": self.score_normalizer.state_dict() if self.score_normalizer else None,
                 "args": {title: asdict(obj) for (_, title), obj in zip(ARG_GROUPS, self._arg_objects())}}
-
-    def save(self) -> Path:
-        """Write actor and critic if any (models, optimisers, schedulers), the EMA actor, RNG and trainer state."""
-        extra = {"actor_ema": self._write_ema} if self.ema is not None else {}
-        return self.checkpoint.save(self.iteration, self.models.trained, self._trainer_state(), extra)
-
-    def _load(self, root: str) -> None:
-        directory = TrainingCheckpoint.latest(root)
-        if directory is None:
-            raise ArgumentError(f"--load {root}: no latest_checkpointed_iteration.txt (not a PPO checkpoint)")
-        state = self.checkpoint.load(directory, self.models.trained, load_optim=not self.ckpt_args.no_load_optim,
-                                     load_rng=not self.ckpt_args.no_load_rng,
-                                     steps_per_iteration=self.steps_per_iteration)
-        if self.ema is not None and (directory / "actor_ema").exists():
-            current = {k: p.detach().clone() for k, p in self.actor.model.named_parameters()}
-            load_model_checkpoint(self.actor.model, directory / "actor_ema")
-            self.ema = self._copy_actor_weights()
-            with torch.no_grad():
-                for k, p in self.actor.model.named_parameters():
-                    p.copy_(current[k])
-        self.iteration = int(state["iteration"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.kl_ctl.load_state_dict(state["kl_controller"])
-        self.skipped_prompts = int(state.get("skipped_prompts", 0))
-        if self.score_normalizer is not None and state.get("score_normalizer"):
-            self.score_normalizer.load_state_dict(state["score_normalizer"])
 
     # ------------------------------------------------------------------ main loop
     def train(self) -> dict:
@@ -754,15 +536,7 @@ class PPOTrainer:
         return last_metrics
 
 
-def _forward(model: torch.nn.Module, mb) -> torch.Tensor:
-    """A plain forward of a micro-batch (anything with ``model_inputs()``)."""
-    return model(*mb.model_inputs())
 
-
-def _fmt(value) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
