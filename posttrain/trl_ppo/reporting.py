@@ -98,7 +98,7 @@ class PPOReporting:
             pad_to = -(-len(part) // self.args.micro_batch_size) * self.args.micro_batch_size
             padded = part + [part[-1]] * (pad_to - len(part))
             rows = indices[s:s + chunk]  # held-out prompt indices: the reward function reads their columns
-            rows = torch.tensor(rows + [rows[-1]] * (pad_to - len(part)))
+            rows = torch.tensor(rows + [rows[-1]] * (pad_to - len(part)), device="cpu")
             batch = self.generate_phase(padded, rows, self.iteration, sampling=sampling, salt=EVAL_SEED_SALT)
             real = slice(0, len(part))
             scores = self.score(batch, where="in validation", dataset=self.eval_dataset)[real].double()

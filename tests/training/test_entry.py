@@ -21,7 +21,9 @@ def test_an_input_error_is_one_error_line_and_exit_1(capsys):
 
     assert run_stage(parser(), run, ["--value", "1"]) == 1
     captured = capsys.readouterr()
-    assert captured.err == "error: --value must be >= 2, got 1\n" and captured.out == ""
+    assert captured.err == "error: --value must be >= 2, got 1\n"
+    # stdout holds the start-up line only (device, precision, implementations), printed before the stage runs
+    assert [line.split(" ")[0] for line in captured.out.splitlines()] == ["[stage]"]
 
 
 def test_a_diverged_run_says_the_last_checkpoint_is_kept(capsys):
