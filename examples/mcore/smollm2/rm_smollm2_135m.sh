@@ -42,18 +42,7 @@ POOLING=${POOLING:-response_mean}; PRECISION=${PRECISION:-auto}; EVAL_INTERVAL=$
 SAVE_INTERVAL=${SAVE_INTERVAL:-0}; NPROC=${NPROC:-2}; TP=${TP:-1}
 START=$SECONDS
 
-run bash scripts/install.sh
-PY="$VENV/bin/python"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-run mkdir -p "$OUT/data"
-
-step "example model"
-if [ "$DRY_RUN" = 1 ]; then
-  run "$PY" tools/prepare_example_model.py
-  HF_DIR='$HF_DIR'  # what that command prints
-else
-  HF_DIR=$("$PY" tools/prepare_example_model.py)
-fi
+smollm2_setup
 
 step "value checkpoint with a fresh head"
 if ! exists "$OUT/rm_init_mcore/posttrain_checkpoint.json"; then

@@ -39,23 +39,8 @@ PRECISION=${PRECISION:-auto}; EVAL_INTERVAL=${EVAL_INTERVAL:-10}; EVAL_SAMPLES=$
 SAVE_INTERVAL=${SAVE_INTERVAL:-10}
 NPROC=${NPROC:-2}
 
-run bash scripts/install.sh
-PY="$VENV/bin/python"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-run mkdir -p "$OUT/data"
-
-step "example model"
-if [ "$DRY_RUN" = 1 ]; then
-  run "$PY" tools/prepare_example_model.py
-  HF_DIR='$HF_DIR'  # what that command prints
-else
-  HF_DIR=$("$PY" tools/prepare_example_model.py)
-fi
-
-step "actor / reference checkpoint"
-if ! exists "$OUT/actor_mcore/posttrain_checkpoint.json"; then
-  run "$PY" convert_ckpt.py --direction hf2mcore --load-dir "$HF_DIR" --save-dir "$OUT/actor_mcore" --overwrite
-fi
+smollm2_setup
+smollm2_actor
 
 step "reward model"
 if [ -n "${REWARD_MODEL:-}" ]; then
