@@ -28,6 +28,7 @@ CRITIC_ESTIMATORS = ("gae",)
 """Estimators that read the critic's values; with any other no critic is built or trained (verl ``use_critic``
 follows the estimator the same way; TRL's GRPO and OpenRLHF's group estimators have none either)."""
 SEQUENCE_POLICY_LOSSES = ("gspo", "gspo_token")
+OLD_LOG_PROB_SOURCES = ("recompute", "rollout")
 
 
 @dataclass(kw_only=True)
@@ -128,6 +129,12 @@ class PPOArgs:
                                           "(truncated at --tis-cap) or mis (masked above --tis-cap)",
                                   choices=ROLLOUT_CORRECTIONS)
     tis_cap: float = arg(2.0, "cap of --rollout-correction tis/mis weights")
+    old_log_probs: str = arg("recompute", "where PPO's old log-probs come from: recompute (a forward of the actor "
+                                          "over the rollout, as verl and OpenRLHF do) or rollout (the sampler's "
+                                          "log-probs of the tokens it drew, as TRL's PPOTrainer takes them; one "
+                                          "actor forward fewer per iteration, the same numbers up to rounding where "
+                                          "the rollout runs the training weights in the training precision)",
+                             choices=OLD_LOG_PROB_SOURCES)
     moe_aux_loss_coeff: Optional[float] = arg(None, "MoE router load-balancing loss coefficient (MoE actors)")
     enable_ema: bool = arg(False, "keep an exponential moving average of the actor's weights (saved beside it)")
     ema_decay: float = arg(0.992, "EMA decay per optimiser step")
@@ -158,6 +165,9 @@ class PPOArgs:
         check_range("--overlong-buffer-len", self.overlong_buffer_len, ge=0, lt=self.max_new_tokens)
         check_range("--overlong-penalty-factor", self.overlong_penalty_factor, ge=0.0)
         check_range("--tis-cap", self.tis_cap, gt=0.0)
+        if self.old_log_probs == "rollout" and self.rollout_correction != "none":
+            raise ArgumentError(f"--rollout-correction {self.rollout_correction} weighs the trainer's recomputed "
+                                f"log-probs against the sampler's: it needs --old-log-probs recompute")
         if self.critic_model is not None and not self.uses_critic:
             raise ArgumentError(f"--critic-model: --adv-estimator {self.adv_estimator} has no critic (only "
                                 f"{'/'.join(CRITIC_ESTIMATORS)} reads values)")

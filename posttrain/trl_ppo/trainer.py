@@ -267,7 +267,10 @@ class PPOTrainer(PPOForwards, PPOState, PPOReporting):
         """Fill old/ref log-probs, values, scores, rewards, advantages and returns; return the rollout metrics
         (this rank's sums, made global in :meth:`_summarise`)."""
         r = batch.response_len
-        batch.old_log_probs = self._forward_only(self.actor, batch, self._log_probs, r)
+        if self.args.old_log_probs == "rollout":  # TRL: the sampling forward's log-probs are the old ones
+            batch.old_log_probs = batch.sampler_log_probs * batch.response_mask
+        else:
+            batch.old_log_probs = self._forward_only(self.actor, batch, self._log_probs, r)
         batch.ref_log_probs = self._forward_only(self.reference, batch, self._log_probs, r)
         if self.critic is not None:
             batch.values = self._forward_only(self.critic, batch, self._values, r) * batch.response_mask

@@ -45,7 +45,10 @@ def test_every_coefficient_is_checked_where_the_flags_are_parsed(extra, flag):
     (BASE + ["--ptx-coef", "0.1"], "--ptx-coef needs --pretrain-data-path"),
     (BASE + ["--lr", "1e-5", "--min-lr", "1e-4", "--lr-decay-style", "cosine"],
      "--min-lr 0.0001 is larger than --lr 1e-05"),
-], ids=["no-reward", "ptx-without-data", "min-lr-above-lr"])
+    (BASE + ["--old-log-probs", "rollout", "--rollout-correction", "tis"],
+     "--rollout-correction tis weighs the trainer's recomputed log-probs against the sampler's: it needs "
+     "--old-log-probs recompute"),
+], ids=["no-reward", "ptx-without-data", "min-lr-above-lr", "rollout-log-probs-with-correction"])
 def test_flag_combinations_are_checked_where_the_flags_are_parsed(argv, message):
     with pytest.raises(ArgumentError) as info:
         [dataclass_from_args(cls, build_parser().parse_args(argv)) for cls, _ in ARG_GROUPS]

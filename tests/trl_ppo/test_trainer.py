@@ -120,6 +120,20 @@ def test_parallel_layouts_match_single_process(assets, reference, layout, tmp_pa
     assert_same_metrics(ref_records, records)
 
 
+def test_old_log_probs_from_the_rollout_train_on_the_sampler_numbers(assets, reference, tmp_path):
+    """``--old-log-probs rollout`` (TRL's source) skips the actor's recompute: the sampler's log-probs are the old
+    ones, so their gap is exactly 0, and in fp32 the run matches the recomputing one up to rounding."""
+    _, ref_records = reference
+    proc, records = ppo(assets, tmp_path / "out", extra=["--old-log-probs", "rollout"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert all(r["rollout/logprob_gap_max"] > 0.0 for r in ref_records)  # recomputed: rounding differs
+    for ref, record in zip(ref_records, records):
+        assert record["rollout/logprob_gap_max"] == 0.0
+        assert record["rollout/token_checksum"] == ref["rollout/token_checksum"]
+        for key in REQUIRED_METRICS:
+            assert record[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-4), (record["iteration"], key)
+
+
 def test_resume_reproduces_uninterrupted_run(assets, tmp_path):
     sampled = ["--do-sample", "--temperature", "1.0", "--save-interval", "2"]
     proc, full = ppo(assets, tmp_path / "full", extra=sampled, iters=4)
