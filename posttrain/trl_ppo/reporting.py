@@ -174,10 +174,11 @@ class PPOReporting:
             ``{"iteration", "eval_data_path", "scores"}``; ``scores[i]`` is held-out prompt ``i``'s score (``n``
             floats).
         """
-        scores = torch.zeros(n, dtype=torch.float64, device="cpu")
+        scores = torch.zeros(n, dtype=torch.float64, device=self.device)  # on the device: NCCL reduces there
         if indices:
-            scores[torch.tensor(indices, dtype=torch.long)] = torch.cat(local_scores)
-        scores = parallel.dp_all_reduce(scores)
+            scores[torch.tensor(indices, dtype=torch.long, device=self.device)] = torch.cat(local_scores).to(
+                self.device)
+        scores = parallel.dp_all_reduce(scores).cpu()
         return {"iteration": self.iteration, "eval_data_path": self.args.eval_data_path, "scores": scores.tolist()}
 
     def _log_evaluation(self) -> None:
