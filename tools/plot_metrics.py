@@ -12,7 +12,9 @@ run has one of its metrics. Several runs are compared in one figure, one colour 
 
 Training metrics are lines (with ``--smooth N``: faint raw points and a trailing moving average over N logged
 iterations); validation metrics (``eval/*``) are points, with +-1 standard error bars where the run logs
-``eval/score_stderr``. A validation record before the first update (``iteration: 0``) is drawn at x = 0.
+``eval/score_stderr``. A validation record before the first update (``iteration: 0``) is drawn at x = 0. The
+held-out score gain (``eval/score_gain``, paired difference to the run's first validation) has its own panel, with
++-2 standard error bars (``eval/score_gain_stderr``) and a line at 0: a bar wholly above it is a gain beyond the noise.
 
 Prints the PNG path and the titles of the panels drawn. Bad input (a missing file, an empty or malformed line, a
 file without any known metric) is a one-line ``error: ...`` naming the file and line, exit status 1; no PNG is
@@ -56,7 +58,8 @@ class Series:
 
     key: str
     kind: str = "train"
-    stderr: Optional[str] = None  # metric holding the standard error of ``key`` (drawn as +-1 error bars)
+    stderr: Optional[str] = None  # metric holding the standard error of ``key`` (drawn as error bars)
+    stderr_scale: float = 1.0  # the error bars are +- stderr_scale standard errors
 
 
 @dataclass(frozen=True)
@@ -66,18 +69,21 @@ class Panel:
     title: str
     series: tuple[Series, ...]
     ylabel: str = ""
+    zero_line: bool = False  # a horizontal line at y = 0
 
 
 def _train(key: str) -> Series:
     return Series(key, "train")
 
 
-def _eval(key: str, stderr: Optional[str] = None) -> Series:
-    return Series(key, "eval", stderr)
+def _eval(key: str, stderr: Optional[str] = None, stderr_scale: float = 1.0) -> Series:
+    return Series(key, "eval", stderr, stderr_scale)
 
 
 PPO_PANELS = (
     Panel("Score", (_train("score_mean"), _eval("eval/score_mean", stderr="eval/score_stderr")), "mean score"),
+    Panel("Held-out score gain", (_eval("eval/score_gain", stderr="eval/score_gain_stderr", stderr_scale=2.0),),
+          "paired gain over first validation", zero_line=True),
     Panel("Reward", (_train("reward_mean"),), "score - KL penalty"),
     Panel("KL to reference", (_train("kl"), _eval("eval/kl")), "nats / response"),
     Panel("KL coefficient", (_train("kl_coef"),)),
@@ -325,7 +331,7 @@ def _draw_panel(ax, panel: Panel, runs: list[Run], colours: list, smooth: int) -
                 err_its, err = run.series[s.stderr]
                 by_it = dict(zip(err_its.tolist(), err.tolist()))
                 yerr = np.asarray([by_it.get(x, math.nan) for x in xs.tolist()], dtype=float)
-                yerr = np.where(np.isfinite(yerr) & (yerr >= 0), yerr, 0.0)
+                yerr = np.where(np.isfinite(yerr) & (yerr >= 0), yerr, 0.0) * s.stderr_scale
                 with_stderr.add(s.key)
                 drawn += [ys - yerr, ys + yerr]
             drawn.append(ys)
@@ -335,12 +341,15 @@ def _draw_panel(ax, panel: Panel, runs: list[Run], colours: list, smooth: int) -
             bars.lines[0].set_gid(f"eval:{run.label}:{s.key}")
     handles = [Line2D([], [], color="0.3", linestyle=style[s.key], label=s.key) for s in train]
     handles += [Line2D([], [], color="0.3", linestyle="none", marker=marker[s.key], markersize=5,
-                       label=s.key + (" (±1 s.e.)" if s.key in with_stderr else "")) for s in evals]
+                       label=s.key + (f" (±{s.stderr_scale:g} s.e.)" if s.key in with_stderr else ""))
+                for s in evals]
     ax.legend(handles=handles, loc="best", frameon=False, handlelength=2.2)
     ax.set_title(panel.title)
     ax.set_xlabel("iteration")
     if panel.ylabel:
         ax.set_ylabel(panel.ylabel)
+    if panel.zero_line:
+        ax.axhline(0.0, color="0.4", linewidth=0.8, zorder=1, gid="zero")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.ticklabel_format(axis="y", useOffset=False)
     _fix_flat_range(ax, drawn)

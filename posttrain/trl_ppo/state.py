@@ -1,16 +1,18 @@
 """The PPO trainer's persistent state beyond the models: the actor's EMA and the checkpoint save/load (a mixin of
 :class:`posttrain.trl_ppo.trainer.PPOTrainer`, which owns ``actor``, ``ema``, ``checkpoint``, ``sampler``,
-``kl_ctl`` and ``score_normalizer``). The directory layout is :class:`posttrain.training.TrainingCheckpoint`'s.
+``kl_ctl``, ``score_normalizer`` and ``eval_baseline``). The directory layout is
+:class:`posttrain.training.TrainingCheckpoint`'s.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from posttrain.arguments import ArgumentError
 from posttrain.models.checkpoint import load_model_checkpoint, save_model_checkpoint
-from posttrain.training import TrainingCheckpoint
+from posttrain.training import TrainingCheckpoint, print_rank0
 
 
 class PPOState:
@@ -63,4 +65,21 @@ class PPOState:
         self.skipped_prompts = int(state.get("skipped_prompts", 0))
         if self.score_normalizer is not None and state.get("score_normalizer"):
             self.score_normalizer.load_state_dict(state["score_normalizer"])
+        self.eval_baseline = self._checkpointed_eval_baseline(state.get("eval_baseline"))
+
+    def _checkpointed_eval_baseline(self, baseline: Optional[dict]) -> Optional[dict]:
+        """The checkpoint's validation baseline (per-prompt scores of the run's first validation) when it was taken
+        on this run's held-out prompts (same ``--eval-data-path``, as many prompts); else None, and the first
+        validation after the resume becomes the baseline of ``eval/score_gain``. Checkpoints written before the
+        baseline was saved have none."""
+        if baseline is None or self.eval_dataset is None:
+            return None
+        n = self._num_eval_prompts()
+        if baseline.get("eval_data_path") == self.args.eval_data_path and len(baseline.get("scores", ())) == n:
+            return baseline
+        print_rank0(f" trl_ppo: the checkpoint's validation baseline (iteration {baseline.get('iteration')}, "
+                    f"{len(baseline.get('scores', ()))} prompts of {baseline.get('eval_data_path')}) does not fit "
+                    f"{n} prompts of {self.args.eval_data_path}: eval/score_gain is measured from the first "
+                    "validation of this run")
+        return None
 

@@ -129,6 +129,8 @@ class PPOTrainer(PPOForwards, PPOState, PPOReporting):
                                        ignore_eos=ppo.ignore_eos)
         self.iteration = 0
         self.skipped_prompts = 0
+        # per-prompt scores of the run's first validation, the baseline of eval/score_gain (PPOReporting.evaluate)
+        self.eval_baseline: Optional[dict] = None
         self.checkpoint = TrainingCheckpoint(ckpt.save, tokenizer_dir=self.tokenizer_dir,
                                              keep_last=ckpt.ckpt_keep_last, save_optim=not ckpt.no_save_optim,
                                              save_rng=not ckpt.no_save_rng)
@@ -501,7 +503,7 @@ class PPOTrainer(PPOForwards, PPOState, PPOReporting):
     # ------------------------------------------------------------------ checkpoints
     def _trainer_state(self) -> dict:
         return {"sampler": self.sampler.state_dict(), "kl_controller": self.kl_ctl.state_dict(),
-                "skipped_prompts": self.skipped_prompts,
+                "skipped_prompts": self.skipped_prompts, "eval_baseline": self.eval_baseline,
                 "score_normalizer": self.score_normalizer.state_dict() if self.score_normalizer else None,
                 "args": {title: asdict(obj) for (_, title), obj in zip(ARG_GROUPS, self._arg_objects())}}
 

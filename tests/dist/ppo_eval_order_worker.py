@@ -5,7 +5,9 @@ checkpoint it was loaded from.
 The loaded weights are those of the reference model, read from the same ``--ref-model`` checkpoint and never
 trained. Arguments after ``--out-dir DIR`` go to ``pretrain_gpt.py --stage trl_ppo``. Each rank writes
 ``rank<k>.json``: ``{"events": [...], "exit_code": int}``; an event is ``{"kind": "evaluate" | "step", "iteration",
-"actor_ref_max_diff", "actor_lr_steps", "metrics"}`` (metrics: what ``evaluate`` returned).
+"actor_ref_max_diff", "actor_lr_steps", "metrics", "samples"}`` (metrics: what ``evaluate`` returned; samples: the
+first ``--log-samples`` validation rows of this rank, ``{"prompt", "response", "score", ...}`` in the order of its
+held-out prompts; both None for a step).
 """
 from __future__ import annotations
 
@@ -32,13 +34,14 @@ def main() -> None:
     cls = trainer_module.PPOTrainer
     evaluate, step = cls.evaluate, cls.step
 
-    def record(self, kind: str, metrics=None) -> None:
+    def record(self, kind: str, metrics=None, samples=None) -> None:
         events.append({"kind": kind, "iteration": self.iteration, "actor_ref_max_diff": _max_diff(self),
-                       "actor_lr_steps": int(self.actor.scheduler.num_steps), "metrics": metrics})
+                       "actor_lr_steps": int(self.actor.scheduler.num_steps), "metrics": metrics,
+                       "samples": samples})
 
     def recording_evaluate(self):
         metrics = evaluate(self)
-        record(self, "evaluate", {k: float(v) for k, v in metrics.items()})
+        record(self, "evaluate", {k: float(v) for k, v in metrics.items()}, list(self._eval_samples))
         return metrics
 
     def recording_step(self):

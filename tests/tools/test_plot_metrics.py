@@ -22,7 +22,7 @@ sys.modules[_spec.name] = plot_metrics_module  # tools/ is not a package; datacl
 _spec.loader.exec_module(plot_metrics_module)
 plot_metrics = plot_metrics_module.plot_metrics
 
-PPO_TITLES = ["Score", "Reward", "KL to reference", "KL coefficient", "Policy loss", "Value loss", "Clip fraction",
+PPO_TITLES = ["Score", "Held-out score gain", "Reward", "KL to reference", "KL coefficient", "Policy loss", "Value loss", "Clip fraction",
               "Entropy", "Response length", "EOS fraction", "Seconds per iteration"]
 RM_TITLES = ["Loss", "Accuracy", "Reward margin", "Chosen / rejected reward", "Grad norm", "Learning rate",
              "Seconds per iteration"]
@@ -45,6 +45,9 @@ def ppo_run(assets, tmp_path_factory):  # noqa: F811
     assert [r["iteration"] for r in records] == [0, 1, 2, 3]
     assert all("eval/score_mean" in r and "eval/score_stderr" in r for r in records)
     assert all(not k.startswith(("time/", "pg_", "vf_")) for k in records[0])  # validation only
+    # the paired gain over the iteration-0 validation: from the second validation on
+    assert "eval/score_gain" not in records[0]
+    assert all("eval/score_gain" in r and "eval/score_gain_stderr" in r for r in records[1:])
     return out, records[1:], records[0]
 
 
@@ -69,7 +72,7 @@ def test_command_plots_a_ppo_run(ppo_run, tmp_path):
     proc = _run([sys.executable, str(TOOL), str(out), "--output", str(png), "--title", "tiny PPO"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [str(png), "panels: " + ", ".join(PPO_TITLES)]
-    # 11 panels: 4 columns x 3 rows of 4.2 x 3.0 inches at 100 dpi, plus the title and legend strip
+    # 12 panels: 4 columns x 3 rows of 4.2 x 3.0 inches at 100 dpi, plus the title and legend strip
     assert png_size(png) == (1680, 980)
     assert png.stat().st_size < 200_000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png"]
@@ -138,6 +141,24 @@ def test_validation_at_iteration_0_with_standard_error_bars(ppo_run, tmp_path):
     assert "eval/score_mean (±1 s.e.)" in [t.get_text() for t in score.get_legend().get_texts()]
     kl_points = lines_by_gid(axes["KL to reference"], "eval:")["eval:run:eval/kl"]
     assert list(kl_points.get_xdata()) == [0, 1, 2, 3]
+
+
+def test_held_out_gain_with_two_standard_error_bars_and_a_zero_line(ppo_run, tmp_path):
+    out, records, _ = ppo_run
+    result = plot_metrics([out], tmp_path / "curves.png", labels=["run"])
+    gain = {ax.get_title(): ax for ax in result.figure.axes}["Held-out score gain"]
+    (bars,) = gain.containers
+    point = bars.lines[0]
+    assert point.get_gid() == "eval:run:eval/score_gain"
+    assert list(point.get_xdata()) == [1, 2, 3]  # none at iteration 0: that validation is the baseline
+    assert list(point.get_ydata()) == pytest.approx([r["eval/score_gain"] for r in records])
+    (segments,) = [c.get_segments() for c in bars.lines[2]]
+    for (bottom, top), r in zip(segments, records):
+        y, e = r["eval/score_gain"], r["eval/score_gain_stderr"]
+        assert bottom[1] == pytest.approx(y - 2 * e) and top[1] == pytest.approx(y + 2 * e)
+    assert [t.get_text() for t in gain.get_legend().get_texts()] == ["eval/score_gain (±2 s.e.)"]
+    (zero,) = [line for line in gain.get_lines() if line.get_gid() == "zero"]
+    assert list(zero.get_ydata()) == [0, 0]
 
 
 def test_smoothing_draws_a_moving_average_beside_the_raw_points(ppo_run, tmp_path):

@@ -310,3 +310,104 @@ def test_iteration_0_validation_runs_on_the_loaded_weights_before_any_update(ass
         assert records[0][key] == pytest.approx(first["metrics"][key], rel=1e-6, abs=1e-9), key
     assert records[0]["eval/num_prompts"] == 4
     assert records[1]["eval/score_mean"] == pytest.approx(events[2]["metrics"]["eval/score_mean"], rel=1e-6)
+
+
+def _paired(before: dict, after: dict) -> tuple[float, float]:
+    """Mean and standard error (sample std / sqrt(n)) of the per-prompt score differences ``after - before``."""
+    import statistics
+
+    assert before.keys() == after.keys()
+    diffs = [after[p] - before[p] for p in before]
+    return statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
+def test_validation_score_gain_is_the_paired_difference_to_iteration_0_over_dp_ranks(assets, tmp_path):
+    """eval/score_gain and eval/score_gain_stderr on 2 DP ranks, against the per-prompt scores each rank logged
+    (prompts matched by text), and after a resume still relative to the iteration-0 validation."""
+    from tests.torchrun_utils import run_torchrun
+
+    rule = tmp_path / "rule.py"  # a score that depends on the response: sampled responses change it
+    rule.write_text("def length_score(prompts, responses):\n"
+                    "    return [len(r) / 100.0 for r in responses]\n")
+    out = tmp_path / "out"
+    args = ["--ref-model", str(assets / "actor"), "--reward-function", f"{rule}:length_score",
+            "--data-path", str(assets / "alpaca"), "--adv-estimator", "grpo", "--n-samples-per-prompt", "2",
+            "--do-sample", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3",
+            "--max-new-tokens", "12", "--save", str(out), "--log-interval", "1", "--sample-interval", "0",
+            "--eval-data-path", str(assets / "alpaca"), "--eval-samples", "6", "--eval-interval", "1",
+            "--eval-do-sample", "--log-samples", "8"]
+    results = run_torchrun("ppo_eval_order_worker.py", args + ["--train-iters", "2"], tmp_path / "run", nproc=2)
+
+    def evaluations(results):
+        """iteration -> (metrics of each rank, {prompt text: score} over both ranks)."""
+        by_iteration = {}
+        for result in results:
+            assert result["exit_code"] == 0
+            for event in result["events"]:
+                if event["kind"] == "evaluate":
+                    metrics, scores = by_iteration.setdefault(event["iteration"], ([], {}))
+                    metrics.append(event["metrics"])
+                    assert len(event["samples"]) == 3  # held-out prompts 0, 2, 4 on rank 0; 1, 3, 5 on rank 1
+                    scores.update((s["prompt"], s["score"]) for s in event["samples"])
+        for metrics, scores in by_iteration.values():
+            assert len(scores) == 6  # six distinct prompts
+            assert metrics[0] == metrics[1]  # reduced over the DP ranks
+        return by_iteration
+
+    evals = evaluations(results)
+    assert sorted(evals) == [0, 1, 2]
+    base_metrics, base_scores = evals[0]
+    assert not {"eval/score_gain", "eval/score_gain_stderr"} & set(base_metrics[0])  # the baseline itself
+    for iteration in (1, 2):
+        metrics, scores = evals[iteration]
+        gain, stderr = _paired(base_scores, scores)
+        assert metrics[0]["eval/score_gain"] == pytest.approx(gain, rel=1e-9, abs=1e-12)
+        assert metrics[0]["eval/score_gain_stderr"] == pytest.approx(stderr, rel=1e-9, abs=1e-12)
+        assert stderr > 0  # sampled responses: the differences are not all equal
+        assert metrics[0]["eval/score_gain"] == pytest.approx(
+            metrics[0]["eval/score_mean"] - base_metrics[0]["eval/score_mean"], rel=1e-9, abs=1e-12)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1, 2]
+    assert "eval/score_gain" not in records[0]
+    for record in records[1:]:
+        metrics = evals[record["iteration"]][0][0]
+        for key in ("eval/score_gain", "eval/score_gain_stderr"):
+            assert record[key] == pytest.approx(metrics[key], rel=1e-9, abs=1e-12), key
+
+    # the checkpoint carries the baseline, held-out prompt i's iteration-0 score at position i (dealt i % 2)
+    state = json.loads((out / "iter_0000002" / "trainer_state.json").read_text())
+    assert state["eval_baseline"]["iteration"] == 0
+    rank_scores = [[s["score"] for s in e["samples"]] for r in results for e in r["events"]
+                   if e["kind"] == "evaluate" and e["iteration"] == 0]
+    assert state["eval_baseline"]["scores"] == [rank_scores[i % 2][i // 2] for i in range(6)]
+
+    # resumed: the first validation after the resume (iteration 3) is measured against iteration 0
+    resumed = run_torchrun("ppo_eval_order_worker.py", args + ["--train-iters", "3", "--load", str(out)],
+                           tmp_path / "resumed", nproc=2)
+    after = evaluations(resumed)
+    assert sorted(after) == [3]
+    metrics, scores = after[3]
+    gain, stderr = _paired(base_scores, scores)
+    assert metrics[0]["eval/score_gain"] == pytest.approx(gain, rel=1e-9, abs=1e-12)
+    assert metrics[0]["eval/score_gain_stderr"] == pytest.approx(stderr, rel=1e-9, abs=1e-12)
+
+
+def test_checkpointed_validation_baseline_is_kept_only_for_the_same_held_out_prompts():
+    """Resume: a checkpoint without a baseline (written before it was saved) or with one taken on other held-out
+    prompts gives None, so the first validation after the resume becomes the baseline."""
+    from types import SimpleNamespace
+
+    from posttrain.trl_ppo.state import PPOState
+
+    baseline = {"iteration": 0, "eval_data_path": "held_out", "scores": [0.0, 1.0, 0.5]}
+
+    def trainer(path="held_out", n=3, eval_dataset=True):
+        return SimpleNamespace(args=SimpleNamespace(eval_data_path=path), eval_dataset=[] if eval_dataset else None,
+                               _num_eval_prompts=lambda: n)
+
+    keep = PPOState._checkpointed_eval_baseline
+    assert keep(trainer(), baseline) == baseline
+    assert keep(trainer(), None) is None  # an older checkpoint
+    assert keep(trainer(path="other"), baseline) is None
+    assert keep(trainer(n=4), baseline) is None
+    assert keep(trainer(eval_dataset=False), baseline) is None
