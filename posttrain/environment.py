@@ -115,7 +115,8 @@ def implementations(bf16: bool = False, transformer_impl: str = "auto") -> dict[
         "device": device,
         "backend": "nccl" if cuda else "gloo",
         "precision": precision,
-        "layers": "transformer_engine" if use_te else "local",
+        # the local spec's core attention on CPU (posttrain.models.provider._layer_spec)
+        "layers": "transformer_engine" if use_te else ("local" if cuda else "local, attention torch SDPA"),
         "norm": norm,
         # posttrain.training.engine.use_fused_torch_adam switches megatron's torch fall-back to torch's fused kernel
         "optimizer": f"{_owner(Adam)} {Adam.__name__}" + (" (fused)" if _owner(Adam) == "torch" else ""),

@@ -71,7 +71,7 @@ def test_startup_line_names_what_megatron_selected():
 
     line = startup_line("trl_ppo", bf16=False, transformer_impl="local", world_size=2)
     assert line.startswith("[trl_ppo] ") and "\n" not in line
-    assert " 2 processes " in line and "| fp32 |" in line and "| layers local |" in line
+    assert " 2 processes " in line and "| fp32 |" in line and "| layers local, attention torch SDPA |" in line
     has_te = importlib.util.find_spec("transformer_engine") is not None
     has_apex = importlib.util.find_spec("apex") is not None
     if not torch.cuda.is_available():

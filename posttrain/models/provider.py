@@ -553,6 +553,12 @@ def _layer_spec(config, use_te: bool):
         # padding mask the trainer passes for left-padded rows.
         for layer in spec.layer_specs:
             layer.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+    elif not torch.cuda.is_available():
+        # on CPU, torch's fused attention kernel instead of megatron's unfused local one (same function)
+        from posttrain.models.sdpa_attention import SDPADotProductAttention
+
+        for layer in spec.layer_specs:
+            layer.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
     return spec
 
 

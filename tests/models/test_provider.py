@@ -393,9 +393,15 @@ def test_smollm2_logits_match_hf_tp1(smol_ckpt, smol_batch, smol_ref, smol_ref64
     assert logits.shape[:2] == smol_batch["input_ids"].shape and logits.shape[-1] == model.vocab_size
     logits = logits[..., :real_vocab_size(model)]
     assert_fp32_rounding_only(logits, smol_ref64, smol_ref, smol_batch["attention_mask"], "SmolLM2 TP1")
-    # Same absolute positions (0..s-1 per row) as megatron-core's RoPE: identical arithmetic.
+    # Same absolute positions (0..s-1 per row) as megatron-core's RoPE, and the same attention kernel (on CPU the
+    # local spec runs torch's scaled_dot_product_attention, as HF's "sdpa" implementation): identical arithmetic.
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(smol_hf.name_or_path, dtype=torch.float32,
+                                              attn_implementation="sdpa" if not torch.cuda.is_available()
+                                              else "eager").eval()
     with torch.no_grad():
-        same_pos = smol_hf(input_ids=smol_batch["input_ids"], attention_mask=smol_batch["attention_mask"]).logits
+        same_pos = hf(input_ids=smol_batch["input_ids"], attention_mask=smol_batch["attention_mask"]).logits
     assert max_diff_valid(logits, same_pos, smol_batch["attention_mask"]) <= 1e-5
 
 
