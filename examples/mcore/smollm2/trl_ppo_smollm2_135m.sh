@@ -20,7 +20,8 @@
 #                 steps per iteration, so the second is off-policy and the clip acts), MISSING_EOS_PENALTY (0: off;
 #                 the reward model's scores span hundredths, a penalty of 1 drowns them). Scores are normalised
 #                 (--normalize-reward), so the KL coefficient weighs nats against standard deviations of the score.
-#                 These defaults are the ones docs/trl_ppo.md measured (Learning on the example).
+#                 These defaults are the ones docs/trl_ppo.md measured (Learning on the example: held-out score
+#                 +0.0146 ± 0.0049 over iteration 0, paired over 64 prompts, after 20 iterations).
 #   POSTTRAIN_VENV the environment scripts/install.sh creates and this script uses (default .venv)
 #   DRY_RUN=1      print the commands (install, conversion, preprocessing, training, export) without running any
 set -euo pipefail
