@@ -23,18 +23,12 @@ stay untouched):
    (the main thread, through :func:`posttrain.distributed.initialize_distributed`); call
    :func:`enter_thread` in any other thread that runs megatron-core.
 
-It also keeps freed memory in the process (:func:`keep_freed_memory`): on CPU every tensor comes from glibc's
-``malloc``, which by default hands large freed blocks back to the kernel, so the next step's activations, logits
-and gradients fault their pages in again, zeroed (measured in docs/performance.md).
-
 The one place this is switched on is :func:`posttrain.distributed.initialize_distributed`.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
-import os
 import threading
 from typing import Any
 
@@ -233,49 +227,9 @@ def activate() -> bool:
     with _LOCK:
         if not _ACTIVE:
             _install_stubs()
-            keep_freed_memory()
             _ACTIVE = True
     enter_thread()
     return True
-
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
-
-
-def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30,
-                      top_pad: int = 64 << 20) -> bool:
-    """Make glibc's ``malloc`` keep freed memory for reuse instead of returning it to the kernel.
-
-    A training step frees and re-allocates the same large tensors (activations, logits ``[b, response_len, V]``,
-    gradients) every micro-batch. With glibc's defaults, blocks above its mmap threshold get their own mapping,
-    unmapped on free, and the top of the heap is trimmed once 128 KiB-64 MiB are free; every later allocation then
-    page-faults its memory in again, and the kernel zeroes each page (figures for PPO in docs/performance.md). Here blocks up to
-    ``mmap_threshold`` come from the heap (larger ones too, whenever a free heap block fits them), and up to
-    ``trim_threshold`` bytes of free heap stay mapped. The peak of the heap is the peak of the tensors alive at
-    once, as before; what changes is that freed memory stays resident between steps.
-
-    Args:
-        mmap_threshold: bytes; blocks below it always come from the heap (glibc caps it at 32 MiB).
-        trim_threshold: bytes of free memory at the top of the heap that are kept, not returned.
-        top_pad: bytes added to each heap extension.
-
-    Returns:
-        True when the settings were applied; False where the C library is not glibc or the user set glibc's own
-        ``MALLOC_*_`` variables or ``GLIBC_TUNABLES`` (theirs win).
-    """
-    if any(name in os.environ for name in _MALLOC_ENV):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return all(mallopt(param, value) == 1 for param, value in ((_M_MMAP_THRESHOLD, mmap_threshold),
-                                                              (_M_TRIM_THRESHOLD, trim_threshold),
-                                                              (_M_TOP_PAD, top_pad)))
 
 
 def is_active() -> bool:
