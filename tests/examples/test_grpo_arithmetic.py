@@ -275,6 +275,8 @@ def test_script_runs_grpo_end_to_end_without_a_critic(tmp_path, example_model_di
     assert (f"held-out accuracy before (iteration 0): {before['eval/score_mean']:.3f} +- "
             f"{before['eval/score_stderr']:.3f} on 16 problems") in proc.stdout
     assert f"held-out accuracy after (iteration 2): {after['eval/score_mean']:.3f}" in proc.stdout
+    assert f"paired gain {after['eval/score_gain']:+.3f} +- {after['eval/score_gain_stderr']:.3f}" in proc.stdout
+    assert after["eval/score_gain"] == pytest.approx(after["eval/score_mean"] - before["eval/score_mean"])
 
     # held-out responses (rank 0's half) are scored as an independent check scores them, and were never trained on
     samples = [json.loads(line) for line in (out / "grpo" / "samples.jsonl").read_text().splitlines()]

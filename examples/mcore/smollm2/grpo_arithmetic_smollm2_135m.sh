@@ -91,8 +91,12 @@ first, last = evals[0], evals[-1]
 for name, r in (("before", first), ("after", last)):
     print(f"held-out accuracy {name} (iteration {r['iteration']}): {r['eval/score_mean']:.3f} "
           f"+- {r['eval/score_stderr']:.3f} on {int(r['eval/num_prompts'])} problems")
-diff = last["eval/score_mean"] - first["eval/score_mean"]
-se = math.hypot(first["eval/score_stderr"], last["eval/score_stderr"])
-print(f"difference {diff:+.3f} = {diff / se if se else float('inf'):.1f} standard errors of the difference")
+if "eval/score_gain" in last:  # paired over the same problems (posttrain's eval/score_gain)
+    gain, se = last["eval/score_gain"], last["eval/score_gain_stderr"]
+    print(f"paired gain {gain:+.3f} +- {se:.3f} = {gain / se if se else float('inf'):.1f} standard errors")
+else:
+    diff = last["eval/score_mean"] - first["eval/score_mean"]
+    se = math.hypot(first["eval/score_stderr"], last["eval/score_stderr"])
+    print(f"difference {diff:+.3f} = {diff / se if se else float('inf'):.1f} standard errors of the difference")
 PY
 echo "== done in $((SECONDS - START)) s: curves $OUT/grpo_curves.png, metrics $OUT/grpo/metrics.jsonl"
