@@ -259,7 +259,7 @@ def main(argv=None) -> int:
         phases = {
             "generate": lambda: state.update(batch=trainer.generate_phase(*trainer._prompts_for_iteration(iteration),
                                                                            iteration)),
-            "experience": lambda: trainer.experience_phase(state["batch"]),
+            "experience": lambda: trainer.experience_phase(state["batch"], iteration),
             "train": lambda: trainer.train_phase(state["batch"], iteration),
         }
         for name, run in phases.items():

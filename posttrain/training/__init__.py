@@ -17,6 +17,8 @@ from posttrain.training.engine import (
            build_optimizer,
            forward_backward,
            optimizer_step,
+           release_grad_buffers,
+           restore_grad_buffers,
            wrap_ddp,
            zero_grad,
 )
@@ -26,4 +28,5 @@ from posttrain.training.slots import ModelSlot, build_model_slot
 
 __all__ = ["MetricAccumulator", "MetricsLogger", "ModelSlot", "Timer", "TrainingCheckpoint", "build_model_slot",
            "build_optimizer", "forward_backward", "is_rank0", "iteration_dir", "optimizer_step", "print_rank0",
-           "read_latest_iteration", "run_stage", "wrap_ddp", "zero_grad"]
+           "read_latest_iteration", "release_grad_buffers", "restore_grad_buffers", "run_stage", "wrap_ddp",
+           "zero_grad"]

@@ -146,6 +146,20 @@ def optimizer_step(optimizer, scheduler) -> tuple[bool, float]:
     return bool(success), float(grad_norm) if grad_norm is not None else float("nan")
 
 
+def release_grad_buffers(ddp_model: DistributedDataParallel) -> None:
+    """Free ``ddp_model``'s gradient buffers between its optimiser steps (megatron-core's
+    ``offload_grad_buffers``: the storage is resized to 0, every ``main_grad`` / bucket view stays a valid tensor
+    object). Gradients are dead between steps (each step starts from zeroed buffers), so this changes no result;
+    it saves one fp32 copy of the model's trained parameters while other models run. Idempotent."""
+    on_gpu = torch.cuda.is_available()
+    ddp_model.offload_grad_buffers(synchronize=on_gpu, empty_cache=on_gpu)
+
+
+def restore_grad_buffers(ddp_model: DistributedDataParallel) -> None:
+    """Re-allocate, zeroed, the gradient buffers :func:`release_grad_buffers` freed (no-op when they are held)."""
+    ddp_model.restore_grad_buffers(synchronize=torch.cuda.is_available())
+
+
 def zero_grad(ddp_model: DistributedDataParallel, optimizer) -> None:
     """Clear DDP's gradient buffers and the optimiser's gradients."""
     ddp_model.zero_grad_buffer()

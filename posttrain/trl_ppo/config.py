@@ -135,6 +135,10 @@ class PPOArgs:
                                           "actor forward fewer per iteration, the same numbers up to rounding where "
                                           "the rollout runs the training weights in the training precision)",
                              choices=OLD_LOG_PROB_SOURCES)
+    offload_grad_buffers: bool = arg(True, "free the actor's and critic's DDP gradient buffers between their "
+                                           "optimiser steps (megatron-core's offload_grad_buffers; re-allocated "
+                                           "zeroed at the next step): the other models run without them, one fp32 "
+                                           "copy of each trained model less outside its own step")
     moe_aux_loss_coeff: Optional[float] = arg(None, "MoE router load-balancing loss coefficient (MoE actors)")
     enable_ema: bool = arg(False, "keep an exponential moving average of the actor's weights (saved beside it)")
     ema_decay: float = arg(0.992, "EMA decay per optimiser step")

@@ -55,6 +55,8 @@ from posttrain.training import (
     is_rank0,
     optimizer_step,
     print_rank0,
+    release_grad_buffers,
+    restore_grad_buffers,
     run_stage,
     zero_grad,
 )
@@ -141,6 +143,9 @@ class PPOTrainer(PPOForwards, PPOState, PPOReporting):
                                     config={title: asdict(obj) for (_, title), obj in zip(ARG_GROUPS,
                                                                                          self._arg_objects())})
         self.timer = Timer()
+        if ppo.offload_grad_buffers:
+            for slot in self.models.trained:
+                release_grad_buffers(slot.ddp)
         self._tokenizer = None
         self._last_batch: Optional[RolloutBatch] = None
         self._eval_samples: list[dict] = []
@@ -350,7 +355,10 @@ class PPOTrainer(PPOForwards, PPOState, PPOReporting):
         """Policy loss (+ entropy bonus, + KL loss) of one PPO micro-batch: ``(loss, metrics, weight)``."""
         args = self.args
         logits = self._response_logits(output)
-        entropy = parallel.vocab_parallel_entropy(logits)  # before the log-probs: their kernel works in place
+        # before the log-probs (their kernel works in place); without an entropy bonus it is a metric only, and
+        # computed without autograd it holds no softmax-sized tensors until the backward
+        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(args.entropy_coef)):
+            entropy = parallel.vocab_parallel_entropy(logits)
         log_probs = parallel.vocab_parallel_log_probs(logits, mb.responses)
         agg = dict(loss_agg_mode=args.loss_agg_mode, global_token_count=counts.tokens, global_seq_count=counts.seqs,
                    norm_length=args.max_new_tokens)
@@ -408,11 +416,14 @@ class PPOTrainer(PPOForwards, PPOState, PPOReporting):
             return output, loss_func
 
         slot.runnable.train()
+        restore_grad_buffers(slot.ddp)  # (a no-op when they are held: --no-offload-grad-buffers)
         zero_grad(slot.ddp, slot.optimizer)
         forward_backward(slot.runnable, step, micro, seq_length=seq_length,
                          micro_batch_size=self.args.micro_batch_size, forward_only=False)
         lr = float(slot.optimizer.param_groups[0]["lr"])  # this step's LR: the scheduler moves it after the step
         applied, grad_norm = optimizer_step(slot.optimizer, slot.scheduler)
+        if self.args.offload_grad_buffers:
+            release_grad_buffers(slot.ddp)
         if not math.isfinite(grad_norm) or not applied:
             raise TrainingDivergedError(f"iteration {self.iteration + 1}: {slot.name} gradient norm is {grad_norm}")
         # every DP rank holds the same global norm and LR: weight 1/DP so the DP sum counts them once

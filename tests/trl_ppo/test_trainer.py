@@ -112,8 +112,10 @@ def test_single_process_run_logs_every_metric_and_saves(reference):
 
 
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"],
-                                    []], ids=["tp2", "pp2", "dp2"])
+                                    ["--no-offload-grad-buffers"]], ids=["tp2", "pp2", "dp2-grad-buffers-held"])
 def test_parallel_layouts_match_single_process(assets, reference, layout, tmp_path):
+    """Every layout logs the single-process run's tokens and metrics; the DP = 2 run also keeps its gradient buffers
+    allocated between steps, which the reference frees (the default)."""
     _, ref_records = reference
     proc, records = ppo(assets, tmp_path / "out", nproc=2, extra=layout)
     assert proc.returncode == 0, proc.stderr[-4000:]
