@@ -23,12 +23,19 @@ stay untouched):
    (the main thread, through :func:`posttrain.distributed.initialize_distributed`); call
    :func:`enter_thread` in any other thread that runs megatron-core.
 
+It also keeps freed memory in the process (:func:`keep_freed_memory`), as torch's CUDA caching allocator does on
+a GPU: on CPU every tensor comes from glibc's ``malloc``, which by default gives blocks above its mmap threshold
+their own mapping (unmapped on free) and trims the top of the heap, so every step's activations, logits and
+gradients fault their pages in again, each zeroed by the kernel (measured in docs/performance.md).
+
 The one place this is switched on is :func:`posttrain.distributed.initialize_distributed`.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import os
 import threading
 from typing import Any
 
@@ -227,9 +234,47 @@ def activate() -> bool:
     with _LOCK:
         if not _ACTIVE:
             _install_stubs()
+            keep_freed_memory()
             _ACTIVE = True
     enter_thread()
     return True
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_",
+               "GLIBC_TUNABLES")
+
+
+def keep_freed_memory(trim_threshold: int = (1 << 31) - 1) -> bool:
+    """Make glibc's ``malloc`` keep freed memory for reuse instead of returning it to the kernel.
+
+    A training step frees and re-allocates the same tensors (activations, logits ``[b, response_len, V]``,
+    gradients) every micro-batch. With glibc's defaults a block above the mmap threshold (at most 32 MiB: logits,
+    embedding gradients) gets its own mapping, unmapped when freed, and the top of the heap is returned once
+    128 KiB-64 MiB of it are free; the next allocation faults the pages in again and the kernel zeroes each one.
+    On a virtual machine such a fault can cost tens of microseconds. Here every block comes from the heap
+    (``M_MMAP_MAX = 0``) and up to ``trim_threshold`` bytes of free heap stay mapped, so after the first
+    iterations a step faults no page in (docs/performance.md). The resident size is then the high-water mark of
+    the heap, as with torch's CUDA caching allocator; the memory is not handed back between steps.
+
+    Args:
+        trim_threshold: bytes of free memory at the top of the heap that are kept (glibc takes an ``int``).
+
+    Returns:
+        True when the settings were applied; False where the C library is not glibc or the user set glibc's own
+        ``MALLOC_*_`` variables or ``GLIBC_TUNABLES`` (theirs win).
+    """
+    if any(name in os.environ for name in _MALLOC_ENV):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in ((_M_MMAP_MAX, 0),
+                                                              (_M_TRIM_THRESHOLD, trim_threshold)))
 
 
 def is_active() -> bool:
