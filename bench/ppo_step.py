@@ -369,7 +369,10 @@ def run_trl(prep: dict, precision: str, args, trl_py: str, out_dir: Path) -> dic
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    log(f"TRL {precision}: {args.warmup + args.iters} iterations")
+    if args.trl_keep_freed_memory:  # glibc's variables for what posttrain.cpu_backend.keep_freed_memory sets
+        env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str((1 << 31) - 1))
+    log(f"TRL {precision}: {args.warmup + args.iters} iterations"
+        + (" (glibc keeps freed memory, as in posttrain)" if args.trl_keep_freed_memory else ""))
     measured = run_measured(cmd, env, run_dir / "log.txt")
     measured.pop("cpu_marks")
     data = json.loads(result.read_text())
@@ -484,6 +487,9 @@ def main(argv=None) -> int:
     parser.add_argument("--trl-autocast", action="store_true",
                         help="TRL bf16 with ACCELERATE_MIXED_PRECISION=bf16 (real autocast); without it TRL's "
                              "PPOConfig(bf16=True) computes in fp32 (see bench/trl_ppo_reference.py)")
+    parser.add_argument("--trl-keep-freed-memory", action="store_true",
+                        help="run TRL with the glibc malloc settings posttrain's CPU backend applies (no mmap'd "
+                             "blocks, no heap trimming), so both sides pay the same page faults")
     parser.add_argument("--stop-at-eos", action="store_true",
                         help="do not pass --ignore-eos even when posttrain has it")
     parser.add_argument("--threads", type=int, default=None,

@@ -287,6 +287,17 @@ def _layer_spec(config, use_te: bool):
 
         for layer in spec.layer_specs:
             layer.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+        # and a SwiGLU that keeps only its input for the backward (same function and gradients, less memory)
+        # (dense models only: megatron's switch below would also reach MoE experts, which keep the unfused ops)
+        if (config.gated_linear_unit and config.activation_func is torch.nn.functional.silu
+                and not config.num_moe_experts and not config.bias_activation_fusion
+                and config.activation_func_clamp_value is None and not config.glu_linear_offset):
+            from posttrain.models.swiglu import MemoryEfficientSwiGLU
+
+            for layer in spec.layer_specs:
+                layer.submodules.mlp.submodules.activation_func = MemoryEfficientSwiGLU
+            # megatron-core's switch for a module-valued activation (MLP then hands it the whole fc1 output)
+            config.use_te_activation_func = True
     return spec
 
 
