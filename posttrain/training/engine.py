@@ -6,6 +6,7 @@ API; the stage trainers call these functions and never build schedules or optimi
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -152,12 +153,16 @@ def release_grad_buffers(ddp_model: DistributedDataParallel) -> None:
     object). Gradients are dead between steps (each step starts from zeroed buffers), so this changes no result;
     it saves one fp32 copy of the model's trained parameters while other models run. Idempotent."""
     on_gpu = torch.cuda.is_available()
-    ddp_model.offload_grad_buffers(synchronize=on_gpu, empty_cache=on_gpu)
+    with warnings.catch_warnings():  # megatron-core resizes through the deprecated TypedStorage API
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        ddp_model.offload_grad_buffers(synchronize=on_gpu, empty_cache=on_gpu)
 
 
 def restore_grad_buffers(ddp_model: DistributedDataParallel) -> None:
     """Re-allocate, zeroed, the gradient buffers :func:`release_grad_buffers` freed (no-op when they are held)."""
-    ddp_model.restore_grad_buffers(synchronize=torch.cuda.is_available())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        ddp_model.restore_grad_buffers(synchronize=torch.cuda.is_available())
 
 
 def zero_grad(ddp_model: DistributedDataParallel, optimizer) -> None:
