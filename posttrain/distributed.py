@@ -165,6 +165,10 @@ def initialize_distributed(tensor_model_parallel_size: int = 1, pipeline_model_p
         init_method = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
         torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                              init_method=init_method, timeout=timedelta(minutes=timeout_minutes))
+    if not use_cuda:
+        from posttrain import cpu_matmul
+
+        cpu_matmul.adopt_rank0_choice()  # one kernel on every rank, the one rank 0's start-up line named
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

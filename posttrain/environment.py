@@ -111,6 +111,11 @@ def implementations(bf16: bool = False, transformer_impl: str = "auto") -> dict[
     norm_class = backends.LNImpl.__name__
     norm = "transformer_engine" if use_te else {"WrappedTorchNorm": "torch", "FusedLayerNorm": "apex"}.get(
         norm_class, _owner(backends.LNImpl)) + f" ({norm_class})"
+    if not cuda:
+        from posttrain import cpu_matmul
+
+        cpu_matmul.install()
+        precision += f", fp32 products {cpu_matmul.describe()}"
     return {
         "device": device,
         "backend": "nccl" if cuda else "gloo",

@@ -48,11 +48,11 @@ def run_stage(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace
     """
     args = parser.parse_args(argv)
     rank, world_size = launcher_world()
-    if rank == 0:
-        print(startup_line(parser.prog.split()[-1], bf16=bool(getattr(args, "bf16", False)),
-                           transformer_impl=getattr(args, "transformer_impl", "auto"), world_size=world_size),
-              flush=True)
     try:
+        if rank == 0:
+            print(startup_line(parser.prog.split()[-1], bf16=bool(getattr(args, "bf16", False)),
+                               transformer_impl=getattr(args, "transformer_impl", "auto"), world_size=world_size),
+                  flush=True)
         run(args)
     except InputError as exc:
         if is_rank0():

@@ -15,6 +15,7 @@ from posttrain.models.provider import unwrap_model
 from posttrain.models.value_model import pool_scores
 from posttrain.training import ModelSlot, forward_backward
 from posttrain.trl_ppo.experience import RolloutBatch
+from posttrain.trl_ppo.lean_decoder import LeanForward
 
 
 class PPOForwards:
@@ -66,8 +67,14 @@ class PPOForwards:
         """Run ``slot`` over ``batch`` in micro-batches; ``compute(output, mb) -> [mb, width]`` on the last stage
         (a causal LM's output holds the response positions only, see :meth:`_lm_forward`).
 
+        On CPU at TP = PP = 1 (:meth:`LeanForward.supports`) the micro-batches go through
+        :class:`~posttrain.trl_ppo.lean_decoder.LeanForward` instead of megatron's schedule: the same function of
+        the same weights, without megatron-core's per-module overhead.
+
         Returns ``[batch, width]`` fp32 on every pipeline stage.
         """
+        if LeanForward.supports(slot.model):
+            return self._lean_forward_only(slot, batch, compute)
         forward = self._lm_forward if slot.info.kind == "causal_lm" else _forward
 
         def step(mb, model):
@@ -82,6 +89,18 @@ class PPOForwards:
                                        micro_batch_size=self.args.micro_batch_size, forward_only=True)
         local = torch.cat([r["out"] for r in results], 0) if results else None
         return parallel.broadcast_from_last_stage(local, (batch.batch_size, width), torch.float32)
+
+    def _lean_forward_only(self, slot: ModelSlot, batch: RolloutBatch,
+                           compute: Callable[[torch.Tensor, RolloutBatch], torch.Tensor]) -> torch.Tensor:
+        """:meth:`_forward_only` through :class:`LeanForward` (one process holds the whole model)."""
+        lean = LeanForward(slot.model)
+        causal = slot.info.kind == "causal_lm"
+        outputs = []
+        for mb in batch.split(self.args.micro_batch_size):
+            input_ids, _, mask = mb.model_inputs()
+            positions = slice(mb.prompt_len - 1, mb.prompt_len + mb.response_len - 1) if causal else None
+            outputs.append(compute(lean(input_ids, mask, positions), mb).detach().float())
+        return torch.cat(outputs, 0)
 
 
 
