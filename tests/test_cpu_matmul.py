@@ -88,3 +88,16 @@ def test_an_unknown_choice_is_one_error_line_naming_the_variable():
     assert "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[-1] == ("error: environment variable POSTTRAIN_CPU_MATMUL='fastest': expected one "
                                             "of auto, onednn, blas")
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("choices", ["onednn,blas", "blas,onednn"])
+def test_every_rank_uses_rank_0s_kernel(choices, tmp_path):
+    from tests.torchrun_utils import run_torchrun
+
+    results = run_torchrun("matmul_worker.py", ["--choices", choices], tmp_path, nproc=2)
+    rank0 = choices.split(",")[0]
+    assert [r["choice"] for r in results] == [rank0, rank0]
+    # the default kernel bit for bit exactly where blas is in use; the same product on both ranks
+    assert [r["equals_default_kernel"] for r in results] == [rank0 == "blas"] * 2
+    assert results[0]["checksum"] == results[1]["checksum"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -71,7 +72,12 @@ def test_startup_line_names_what_megatron_selected():
 
     line = startup_line("trl_ppo", bf16=False, transformer_impl="local", world_size=2)
     assert line.startswith("[trl_ppo] ") and "\n" not in line
-    assert " 2 processes " in line and "| fp32 |" in line and "| layers local, attention torch SDPA |" in line
+    assert " 2 processes " in line and "| layers local, attention torch SDPA |" in line
+    if torch.cuda.is_available():
+        assert "| fp32 |" in line
+    else:  # the precision, then the fp32 product kernel this process chose (posttrain.cpu_matmul)
+        assert re.search(r"\| fp32, fp32 products (oneDNN|default BLAS) \((oneDNN measured at \d+\.\d\dx the default "
+                         r"BLAS at start-up|POSTTRAIN_CPU_MATMUL=\w+)\) \|", line), line
     has_te = importlib.util.find_spec("transformer_engine") is not None
     has_apex = importlib.util.find_spec("apex") is not None
     if not torch.cuda.is_available():

@@ -39,7 +39,7 @@ def main():
     parser.add_argument("--ckpt", required=True)
     args = parser.parse_args()
 
-    from posttrain.distributed import initialize_distributed
+    from posttrain.distributed import destroy_distributed, initialize_distributed
 
     tp, pp = {"ref": (1, 1), "tp2": (2, 1), "pp2": (1, 2), "dp2": (1, 1)}[args.mode]
     state = initialize_distributed(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=7)
@@ -105,6 +105,8 @@ def main():
     write_rank_result(args.out_dir, {"loss_before": loss_before, "loss_after": loss_after,
                                      "world_size": state.world_size, "backend": state.backend,
                                      "cpu_backend": state.cpu_backend})
+    # as every stage does when it ends (run_stage): gloo's groups torn down before the interpreter exits
+    destroy_distributed()
 
 
 if __name__ == "__main__":
