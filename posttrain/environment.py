@@ -46,8 +46,9 @@ def silence_known_warnings() -> None:
 
 
 def cpu_bf16_support() -> str:
-    """How this CPU runs bf16 matrix products: ``"AMX"`` (fast), ``"AVX512-BF16"`` (no faster than fp32 in
-    practice), ``"none"`` (emulated: much slower than fp32), or ``"unknown"`` (no ``/proc/cpuinfo``)."""
+    """Which bf16 instructions this CPU has: ``"AMX"`` (fast), ``"AVX512-BF16"`` (slower than fp32 on some CPUs,
+    faster on others: measure, :func:`posttrain.cpu_backend.bf16_matmul_speedup`), ``"none"`` (emulated: much
+    slower than fp32), or ``"unknown"`` (no ``/proc/cpuinfo``)."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
@@ -101,11 +102,16 @@ def implementations(bf16: bool = False, transformer_impl: str = "auto") -> dict[
     if bf16:
         precision = "bf16 (fp32 master weights and gradient reduction)"
         if not cuda:
-            support = cpu_bf16_support()
-            if support == "AVX512-BF16":
-                precision += "; this CPU has AVX512-BF16 but no AMX: fp32 is faster here"
-            elif support == "none":
-                precision += "; this CPU has no bf16 instructions: fp32 is much faster here"
+            # measured, not inferred from the instruction set: AVX512-BF16 without AMX is slower than fp32 on some
+            # CPUs and twice as fast on others
+            from posttrain.cpu_backend import bf16_matmul_speedup
+
+            support = {"AMX": "AMX", "AVX512-BF16": "AVX512-BF16, no AMX", "none": "no bf16 instructions"}.get(
+                cpu_bf16_support(), "bf16 instructions unknown")
+            speedup = bf16_matmul_speedup()
+            precision += f"; this CPU ({support}) multiplies bf16 at {speedup:.2f}x fp32's speed"
+            if speedup < 1.0:
+                precision += ": fp32 is faster here"
     else:
         precision = "fp32"
     norm_class = backends.LNImpl.__name__

@@ -87,3 +87,15 @@ def test_startup_line_names_what_megatron_selected():
         assert "multi-tensor ops torch fallback" in line
     bf16 = startup_line("rm", bf16=True, transformer_impl="local")
     assert "1 process |" in bf16 and "| bf16 (fp32 master weights" in bf16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the bf16 note is about CPUs")
+def test_startup_line_with_bf16_on_a_cpu_reports_the_measured_bf16_speed():
+    from posttrain.environment import startup_line
+
+    line = startup_line("rm", bf16=True, transformer_impl="local")
+    match = re.search(r"\| bf16 \(fp32 master weights and gradient reduction\); this CPU \(([^)]*)\) multiplies bf16 "
+                      r"at (\d+\.\d\d)x fp32's speed(: fp32 is faster here)?", line)
+    assert match, line
+    # the verdict follows the measured ratio
+    assert (match.group(3) is not None) == (float(match.group(2)) < 1.0)
