@@ -68,3 +68,17 @@ def test_lean_forward_sees_a_weight_update_at_once():
     after = lean(ids, attention)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, after_megatron, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "value"])
+def test_lean_forward_of_a_bf16_model_equals_megatrons(kind):
+    """Under ``--bf16`` the megatron model is wrapped in ``Float16Module`` (fp32 outputs); the lean forward computes
+    in the weights' bf16 and gives the same numbers once both are fp32."""
+    model = build_model(LLAMA, kind, bf16=True)
+    model.eval()
+    assert LeanForward.supports(model)
+    ids, mask = batch()
+    attention = build_attention_mask(mask)
+    with torch.no_grad():
+        reference = model(ids, position_ids_from_attention_mask(mask), attention)
+    torch.testing.assert_close(LeanForward(model)(ids, attention).float(), reference.float(), rtol=1e-2, atol=1e-2)
