@@ -29,9 +29,11 @@ decodes through megatron-core's own inference path. Tests compare the two token 
 phase's gradient-free forwards (the actor's old log-probs, the reference's log-probs, the critic's values, the
 reward model's scores): one fused ``scaled_dot_product_attention`` call per layer (as
 :class:`~posttrain.models.sdpa_attention.SDPADotProductAttention`), plain ``F.linear`` products over the weights as
-they are (at ``batch x seq`` rows the default BLAS runs at its full rate, so nothing is packed or copied), the
+they are (at ``batch x seq`` rows torch's ``mm`` runs at its full rate, through oneDNN where
+:mod:`posttrain.cpu_matmul` chose it, so nothing is packed or copied), the
 batch-major ``[b, s, h]`` layout throughout, and the output layer or value head on the positions asked for only.
-It returns what the megatron model returns for the same inputs, up to rounding.
+It returns what the megatron model returns for the same inputs (bit for bit on SmolLM2-135M in the
+experience phase; tests allow rounding).
 """
 from __future__ import annotations
 
