@@ -33,6 +33,22 @@ def test_entropy_matches_float64_within_rounding(single_rank, scale):
     assert (got.double() - reference_entropy(logits)).abs().max().item() < 1e-6
 
 
+def test_entropy_without_autograd_in_row_chunks_equals_the_differentiable_path(single_rank):
+    """The metric path (no gradient) works on [chunk_rows, V] slices; a row's value is the same either way, and
+    the differentiable path's gradient is the float64 one."""
+    logits = torch.randn(3, 11, 4096, generator=torch.Generator().manual_seed(5)) * 4
+    metric = parallel.vocab_parallel_entropy(logits, chunk_rows=5)  # 33 rows: 7 chunks, the last one short
+    leaf = logits.clone().requires_grad_()
+    differentiable = parallel.vocab_parallel_entropy(leaf)
+    assert differentiable.requires_grad and not metric.requires_grad
+    torch.testing.assert_close(metric, differentiable.detach(), rtol=0, atol=2e-6)
+    assert (metric.double() - reference_entropy(logits)).abs().max().item() < 1e-6
+    differentiable.sum().backward()
+    reference = logits.double().requires_grad_()
+    reference_entropy(reference).sum().backward()
+    torch.testing.assert_close(leaf.grad.double(), reference.grad, rtol=0, atol=1e-6)
+
+
 def test_log_probs_match_log_softmax_and_bf16_is_upcast(single_rank):
     g = torch.Generator().manual_seed(1)
     logits = (8 * torch.randn(2, 5, 300, generator=g)).bfloat16()

@@ -389,6 +389,10 @@ def build_model(hf_config: dict, kind: Literal["causal_lm", "value"] = "causal_l
     if arch.rope_type == "llama3" and (arch.rope_low_freq_factor, arch.rope_high_freq_factor,
                                        arch.rope_original_max_position_embeddings) != (1.0, 4.0, 8192):
         _set_llama3_inv_freq(model, arch)
+    if not use_te:  # the CPU SwiGLU's output is freed once fc2 has run, recomputed for fc2's backward
+        from posttrain.models.swiglu import release_outputs_after_fc2
+
+        release_outputs_after_fc2(model)
     model.posttrain_info = ModelInfo(hf_config=dict(hf_config), kind=kind, vocab_size=arch.vocab_size,
                                      padded_vocab_size=padded,
                                      make_vocab_size_divisible_by=make_vocab_size_divisible_by, transformer_impl="transformer_engine" if use_te

@@ -54,9 +54,11 @@ class SDPADotProductAttention(DotProductAttention):
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                    packed_seq_params)
         sq, b, heads, _ = query.shape
-        # [s, b, n, hn] -> [b, n, s, hn]; the mask flips to SDPA's convention (True = attend)
+        # [s, b, n, hn] -> [b, n, s, hn]; the mask flips to SDPA's convention (True = attend). The value is a
+        # view of the fused QKV projection's output, which the attention's backward would keep alive through it
+        # (three times the value's size); a copy of the value lets that output go after the forward.
         context = F.scaled_dot_product_attention(
-            query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
+            query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3).contiguous(),
             attn_mask=~attention_mask, scale=self.softmax_scale,
             enable_gqa=key.shape[2] != heads)
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)

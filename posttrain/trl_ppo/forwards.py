@@ -38,6 +38,40 @@ class PPOForwards:
         finally:
             handle.remove()
 
+    @staticmethod
+    def _lm_hidden_forward(model: torch.nn.Module, mb: RolloutBatch) -> torch.Tensor:
+        """:meth:`_lm_forward` without the output layer: the final hidden states ``[response_len, b, h]`` (after
+        the final norm) of the positions that predict response tokens, for
+        :func:`~posttrain.models.output_head.chosen_token_log_probs`. One pipeline stage only (the model is both
+        first and last stage); megatron's ``GPTModel`` returns the decoder's output when it does no
+        post-processing, which is switched off for this call."""
+        inner = unwrap_model(model)
+        start, end = mb.prompt_len - 1, mb.prompt_len + mb.response_len - 1
+        handle = inner.decoder.register_forward_hook(lambda module, args, hidden: hidden[start:end])  # [s, b, h]
+        inner.post_process = False
+        try:
+            return model(*mb.model_inputs())
+        finally:
+            inner.post_process = True
+            handle.remove()
+
+    def _fused_output_head(self) -> bool:
+        """Whether the actor's loss computes its log-probs from the final hidden states chunk by chunk
+        (:func:`~posttrain.models.output_head.chosen_token_log_probs`, no ``[b, response_len, V]`` logits) instead
+        of from megatron's output layer: on CPU (no CUDA; the GPU path stays megatron's), with one tensor- and one
+        pipeline-parallel rank (one process holds the whole output layer), and without an entropy bonus (whose
+        gradient needs the whole softmax)."""
+        return (not torch.cuda.is_available() and parallel.tp_world_size() == 1 and parallel.pp_world_size() == 1
+                and not self.args.entropy_coef)
+
+    def _output_weight(self) -> torch.Tensor:
+        """The actor's output-layer weight over the real vocabulary, ``[vocab_size, h]`` (a view: gradients reach
+        the parameter, or the embedding it is tied to)."""
+        inner = unwrap_model(self.actor.model)
+        weight = (inner.shared_embedding_or_output_weight() if inner.share_embeddings_and_output_weights
+                  else inner.output_layer.weight)
+        return weight[:self.vocab_size]
+
     def _response_logits(self, output: torch.Tensor) -> torch.Tensor:
         """fp32 logits ``[b, response_len, V/TP]`` divided by the temperature, padded vocabulary entries masked.
 

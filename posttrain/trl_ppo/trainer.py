@@ -45,6 +45,7 @@ from posttrain.arguments import (
 from posttrain.data.prompt_dataset import PromptDataset, PromptSampler, pad_sequences
 from posttrain.distributed import initialize_distributed
 from posttrain.errors import TrainingDivergedError
+from posttrain.models.output_head import chosen_token_log_probs
 from posttrain.training import (
     MetricAccumulator,
     MetricsLogger,
@@ -351,15 +352,22 @@ class PPOTrainer(PPOForwards, PPOState, PPOReporting):
             ptx_tokens = parallel.dp_all_reduce(local)
         return GlobalCounts(tokens=counts[0], seqs=counts[1], ptx_tokens=ptx_tokens)
 
-    def _actor_loss(self, counts: GlobalCounts, mb: RolloutBatch, output: torch.Tensor):
-        """Policy loss (+ entropy bonus, + KL loss) of one PPO micro-batch: ``(loss, metrics, weight)``."""
+    def _actor_loss(self, counts: GlobalCounts, mb: RolloutBatch, output: torch.Tensor, fused: bool = False):
+        """Policy loss (+ entropy bonus, + KL loss) of one PPO micro-batch: ``(loss, metrics, weight)``.
+
+        ``output`` is the logits ``[b, response_len, V/TP]`` of :meth:`_lm_forward`, or with ``fused`` the hidden
+        states ``[response_len, b, h]`` of :meth:`_lm_hidden_forward` (see :meth:`_fused_output_head`)."""
         args = self.args
-        logits = self._response_logits(output)
-        # before the log-probs (their kernel works in place); without an entropy bonus it is a metric only, and
-        # computed without autograd it holds no softmax-sized tensors until the backward
-        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(args.entropy_coef)):
-            entropy = parallel.vocab_parallel_entropy(logits)
-        log_probs = parallel.vocab_parallel_log_probs(logits, mb.responses)
+        if fused:
+            log_probs, entropy = chosen_token_log_probs(output.transpose(0, 1), self._output_weight(), mb.responses,
+                                                        args.temperature)
+        else:
+            logits = self._response_logits(output)
+            # before the log-probs (their kernel works in place); without an entropy bonus it is a metric only,
+            # and computed without autograd it holds no softmax-sized tensors until the backward
+            with torch.set_grad_enabled(torch.is_grad_enabled() and bool(args.entropy_coef)):
+                entropy = parallel.vocab_parallel_entropy(logits)
+            log_probs = parallel.vocab_parallel_log_probs(logits, mb.responses)
         agg = dict(loss_agg_mode=args.loss_agg_mode, global_token_count=counts.tokens, global_seq_count=counts.seqs,
                    norm_length=args.max_new_tokens)
         loss, metrics = core_algos.compute_policy_loss(
@@ -455,7 +463,10 @@ class PPOTrainer(PPOForwards, PPOState, PPOReporting):
                 if self.ptx_dataset is not None and self.args.ptx_coef > 0:
                     ptx = self._ptx_micro_batches(iteration, index, seq_length)
                 counts = self._global_counts(mini, ptx)
-                actor_micro = ([(mb, self._lm_forward, partial(self._actor_loss, counts)) for mb in mini.split(mbs)]
+                fused = self._fused_output_head()
+                forward = self._lm_hidden_forward if fused else self._lm_forward
+                actor_micro = ([(mb, forward, partial(self._actor_loss, counts, fused=fused))
+                                for mb in mini.split(mbs)]
                                + [(mb, _forward, partial(self._ptx_loss, counts)) for mb in ptx])
                 self._train_step(self.actor, actor_micro, seq_length, actor_acc)
                 if self.ema is not None:

@@ -1,5 +1,6 @@
 """The CPU layer spec's SwiGLU keeps only its input for the backward and computes exactly what megatron-core's
-unfused gated MLP computes: the same output and bitwise the same gradients, alone and inside a whole model."""
+unfused gated MLP computes: the same output and bitwise the same gradients, alone and inside a whole model, where
+its output (fc2's input) is freed after the forward and recomputed for the backward."""
 from __future__ import annotations
 
 import pytest
@@ -64,6 +65,8 @@ def test_cpu_model_uses_it_with_the_gradients_of_the_unfused_mlp():
     valid[1, :3] = 0
     positions = (valid.cumsum(-1) - 1).clamp(min=0)
     mask = build_attention_mask(valid)
+    outputs = []
+    handles = [m.activation_func.register_forward_hook(lambda mod, args, out: outputs.append(out)) for m in mlps]
     runs = []
     for activation in ("module", "unfused"):
         if activation == "unfused":
@@ -71,7 +74,11 @@ def test_cpu_model_uses_it_with_the_gradients_of_the_unfused_mlp():
                 m.activation_func = _Unfused()
         model.zero_grad()
         logits = model(ids, positions, mask)
+        if activation == "module":  # fc2's input was freed after the forward (recomputed for the backward)
+            assert len(outputs) == len(mlps) and all(o.untyped_storage().nbytes() == 0 for o in outputs)
         logits.float().logsumexp(-1).sum().backward()
         runs.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    for handle in handles:
+        handle.remove()
     assert torch.equal(runs[0][0], runs[1][0])
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
