@@ -301,6 +301,26 @@ def _layer_spec(config, use_te: bool):
     return spec
 
 
+def _release_cheap_activations(model: torch.nn.Module) -> None:
+    """CPU layer spec: free each layer's norm outputs and SwiGLU output once their consumer (attention, MLP) has
+    run, and recompute them for its backward (:mod:`posttrain.models.output_release`)."""
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from posttrain.models.output_release import release_output_after
+    from posttrain.models.swiglu import MemoryEfficientSwiGLU
+
+    for layer in model.modules():
+        if not isinstance(layer, TransformerLayer):
+            continue
+        if not isinstance(layer.input_layernorm, IdentityOp) and not isinstance(layer.self_attention, IdentityOp):
+            release_output_after(layer.input_layernorm, layer.self_attention)
+        if not isinstance(layer.pre_mlp_layernorm, IdentityOp) and not isinstance(layer.mlp, IdentityOp):
+            release_output_after(layer.pre_mlp_layernorm, layer.mlp)
+        if isinstance(getattr(layer.mlp, "activation_func", None), MemoryEfficientSwiGLU):
+            release_output_after(layer.mlp.activation_func, layer.mlp)
+
+
 def _require_mask_hook(module, args, kwargs):
     mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
     if mask is None:
@@ -389,10 +409,11 @@ def build_model(hf_config: dict, kind: Literal["causal_lm", "value"] = "causal_l
     if arch.rope_type == "llama3" and (arch.rope_low_freq_factor, arch.rope_high_freq_factor,
                                        arch.rope_original_max_position_embeddings) != (1.0, 4.0, 8192):
         _set_llama3_inv_freq(model, arch)
-    if not use_te:  # the CPU SwiGLU's output is freed once fc2 has run, recomputed for fc2's backward
-        from posttrain.models.swiglu import release_outputs_after_fc2
-
-        release_outputs_after_fc2(model)
+    every_layer_recomputed = config.recompute_granularity == "full" and (
+        config.recompute_method == "uniform" or (config.recompute_num_layers or 0) >= config.num_layers)
+    if not use_te and not torch.cuda.is_available() and not every_layer_recomputed:
+        # (where every layer is recomputed as a whole, a layer's activations live for its own backward only)
+        _release_cheap_activations(model)
     model.posttrain_info = ModelInfo(hf_config=dict(hf_config), kind=kind, vocab_size=arch.vocab_size,
                                      padded_vocab_size=padded,
                                      make_vocab_size_divisible_by=make_vocab_size_divisible_by, transformer_impl="transformer_engine" if use_te
