@@ -93,7 +93,7 @@ def chosen_token_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: t
             only be masked out).
         labels: ``[...]`` int64 token ids in ``[0, V)``.
         temperature: the sampling temperature the logits are divided by.
-        chunk_rows: positions per chunk; 0 picks about 32 MiB of fp32 logits per chunk.
+        chunk_rows: positions per chunk; 0 picks about 32 MiB of fp32 logits per chunk (equal chunks).
 
     Returns:
         ``(log_probs, entropy)``, both ``[...]`` fp32 in nats; equal to megatron-core's
@@ -105,7 +105,11 @@ def chosen_token_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     """
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match hidden states {tuple(hidden.shape)}")
-    rows = chunk_rows or max(16, (1 << 23) // weight.shape[0])
+    rows = chunk_rows
+    if not rows:  # about 32 MiB of fp32 logits per chunk, the positions split evenly over the chunks
+        positions = labels.numel()
+        chunks = max(1, -(-positions // max(16, (1 << 23) // weight.shape[0])))
+        rows = max(1, -(-positions // chunks))
     log_probs, entropy = _ChosenTokenLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
                                                     labels.reshape(-1), float(temperature), rows)
     return log_probs.view(labels.shape), entropy.view(labels.shape)

@@ -48,11 +48,11 @@ class PPOForwards:
         inner = unwrap_model(model)
         start, end = mb.prompt_len - 1, mb.prompt_len + mb.response_len - 1
         handle = inner.decoder.register_forward_hook(lambda module, args, hidden: hidden[start:end])  # [s, b, h]
-        inner.post_process = False
+        post_process, inner.post_process = inner.post_process, False
         try:
             return model(*mb.model_inputs())
         finally:
-            inner.post_process = True
+            inner.post_process = post_process
             handle.remove()
 
     def _fused_output_head(self) -> bool:
