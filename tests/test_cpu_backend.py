@@ -66,8 +66,9 @@ print(*faults)
 def test_freed_tensor_memory_is_reused_without_new_page_faults():
     """After :func:`keep_freed_memory`, a step that frees and re-allocates 300 MiB of tensors (one block above
     glibc's 32 MiB mmap ceiling) faults no page in again from its third repetition on; with glibc's defaults the
-    third still faults more than the large block's 25,600 pages in again (each a zeroed 4 KiB page from the
-    kernel)."""
+    repetitions after the first together fault more than the large block's 25,600 pages in again (each a zeroed
+    4 KiB page from the kernel). When glibc's own adaptive thresholds stop the faults varies from run to run
+    (seen: after the second or the third repetition), so the default run is judged over all three."""
     import os
     import platform
     import subprocess
@@ -87,7 +88,7 @@ def test_freed_tensor_memory_is_reused_without_new_page_faults():
         assert proc.returncode == 0, proc.stderr
         runs[mode] = [int(n) for n in proc.stdout.split()]
     assert max(runs["keep"][2:]) < 1000, runs
-    assert runs["default"][2] > 25_000, runs  # the probe exercises what the setting changes
+    assert sum(runs["default"][1:]) > 25_600, runs  # the probe exercises what the setting changes
 
 
 def test_user_malloc_settings_win(monkeypatch):
