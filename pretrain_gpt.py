@@ -7,7 +7,15 @@ pairs (:mod:`posttrain.rm.trainer`). ``pretrain_gpt.py --stage STAGE --help`` li
 import importlib
 import sys
 
-from posttrain.environment import silence_known_warnings
+if __name__ == "__main__":  # before torch is imported: on CPU, may run again with tcmalloc preloaded
+    from posttrain.allocator import AllocatorError, use_tcmalloc
+
+    try:
+        use_tcmalloc()
+    except AllocatorError as exc:
+        sys.exit(f"error: {exc}")
+
+from posttrain.environment import silence_known_warnings  # noqa: E402
 
 STAGES = {
     "trl_ppo": ("posttrain.trl_ppo.trainer", "PPO: actor, reference, critic and reward models (RLHF)"),

@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -354,6 +355,8 @@ def run_posttrain(prep: dict, precision: str, args, py: str, out_dir: Path) -> d
     log(f"posttrain {precision}: {total} iterations ({'--ignore-eos' if ignore_eos else 'stopping at EOS'})")
     measured = run_measured(cmd, env, run_dir / "log.txt", done, progress)
     marks = measured.pop("cpu_marks")
+    measured["host_memory"] = host_memory(run_dir / "log.txt")
+    log(f"posttrain {precision}: host memory {measured['host_memory']}")
     cpu = [b - a for a, b in zip(marks, marks[1:])][max(0, args.warmup - 1):]
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     timed = records[args.warmup:]
@@ -371,7 +374,26 @@ def run_posttrain(prep: dict, precision: str, args, py: str, out_dir: Path) -> d
     return measured
 
 
-def run_trl(prep: dict, precision: str, args, trl_py: str, out_dir: Path) -> dict:
+def host_memory(log_path: Path) -> str:
+    """The allocator posttrain's start-up line names (``| host memory ...``); checkouts older than
+    posttrain.allocator always kept glibc's freed memory."""
+    match = re.search(r"\| host memory (.+)$", log_path.read_text(errors="replace"), re.M)
+    return match.group(1).strip() if match else "glibc malloc, freed memory kept"
+
+
+def same_allocator_environment(env: dict, posttrain_host_memory: str) -> tuple[dict, str]:
+    """``env`` for TRL with the allocator posttrain ran with: tcmalloc preloaded (as posttrain.allocator does), or
+    glibc's variables for what posttrain.cpu_backend.keep_freed_memory sets."""
+    if posttrain_host_memory.startswith("tcmalloc"):
+        sys.path.insert(0, str(REPO))
+        from posttrain.allocator import find_tcmalloc, preload_environment
+
+        return preload_environment(find_tcmalloc(), env), "tcmalloc preloaded, as in posttrain"
+    return (dict(env, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str((1 << 31) - 1)),
+            "glibc keeps freed memory, as in posttrain")
+
+
+def run_trl(prep: dict, precision: str, args, trl_py: str, out_dir: Path, posttrain_host_memory: str) -> dict:
     run_dir = out_dir / f"trl_{precision}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -384,10 +406,10 @@ def run_trl(prep: dict, precision: str, args, trl_py: str, out_dir: Path) -> dic
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    if args.trl_keep_freed_memory:  # glibc's variables for what posttrain.cpu_backend.keep_freed_memory sets
-        env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str((1 << 31) - 1))
-    log(f"TRL {precision}: {args.warmup + args.iters} iterations"
-        + (" (glibc keeps freed memory, as in posttrain)" if args.trl_keep_freed_memory else ""))
+    allocator = "the C library's default malloc"
+    if args.trl_same_allocator:
+        env, allocator = same_allocator_environment(env, posttrain_host_memory)
+    log(f"TRL {precision}: {args.warmup + args.iters} iterations (host memory: {allocator})")
     measured = run_measured(cmd, env, run_dir / "log.txt")
     measured.pop("cpu_marks")
     data = json.loads(result.read_text())
@@ -400,6 +422,7 @@ def run_trl(prep: dict, precision: str, args, trl_py: str, out_dir: Path) -> dic
                      "median_cpu_s": statistics.median(cpu) if cpu else float("nan"),
                      "response_lengths": data["response_lengths"], "versions": {
                          k: data[k] for k in ("torch", "transformers", "trl", "threads")},
+                     "host_memory": allocator,
                      "note": f"{max(data['response_lengths'] or [0])} tokens/response, "
                              f"mixed_precision={data.get('mixed_precision')}"})
     return measured
@@ -433,6 +456,9 @@ def print_report(results: list, prep: dict, args) -> None:
         p = row["posttrain"]
         print(f"posttrain {row['dtype']}: peak RSS incl. final checkpoint save {p['peak_rss_total'] / GIB:.2f} GiB; "
               f"mean response length {p['response_length_mean']:.1f}")
+        trl_memory = row.get("trl", {}).get("host_memory")
+        print(f"host memory: posttrain {p.get('host_memory', '?')}"
+              + (f"; TRL {trl_memory}" if trl_memory else ""))
     print()
     print("per phase (median s/iter):")
     for row in results:
@@ -502,9 +528,11 @@ def main(argv=None) -> int:
     parser.add_argument("--trl-autocast", action="store_true",
                         help="TRL bf16 with ACCELERATE_MIXED_PRECISION=bf16 (real autocast); without it TRL's "
                              "PPOConfig(bf16=True) computes in fp32 (see bench/trl_ppo_reference.py)")
-    parser.add_argument("--trl-keep-freed-memory", action="store_true",
-                        help="run TRL with the glibc malloc settings posttrain's CPU backend applies (no mmap'd "
-                             "blocks, no heap trimming), so both sides pay the same page faults")
+    parser.add_argument("--trl-same-allocator", "--trl-keep-freed-memory", dest="trl_same_allocator",
+                        action="store_true",
+                        help="run TRL with the host allocator posttrain ran with (its start-up line): tcmalloc "
+                             "preloaded, or glibc's settings of posttrain.cpu_backend.keep_freed_memory (no mmap'd "
+                             "blocks, no heap trimming), so both sides pay the same page faults and fragmentation")
     parser.add_argument("--stop-at-eos", action="store_true",
                         help="do not pass --ignore-eos even when posttrain has it")
     parser.add_argument("--threads", type=int, default=None,
@@ -553,7 +581,7 @@ def main(argv=None) -> int:
             f"iterations {[round(t, 2) for t in row['posttrain']['iteration_s']]}")
         if trl_py:
             wait_until_quiet(args.max_busy, budget)
-            row["trl"] = run_trl(prep, precision, args, trl_py, out_dir)
+            row["trl"] = run_trl(prep, precision, args, trl_py, out_dir, row["posttrain"]["host_memory"])
             if args.gemm_size:
                 gemm["trl"] += gemm_rate(py, precision, args.threads, args.gemm_size)["gflops"]
             log(f"TRL {precision}: median {row['trl']['median_s']:.2f} s/iter, "

@@ -24,9 +24,10 @@ stay untouched):
    :func:`enter_thread` in any other thread that runs megatron-core.
 
 It also keeps freed memory in the process (:func:`keep_freed_memory`), as torch's CUDA caching allocator does on
-a GPU: on CPU every tensor comes from glibc's ``malloc``, which by default gives blocks above its mmap threshold
-their own mapping (unmapped on free) and trims the top of the heap, so every step's activations, logits and
-gradients fault their pages in again, each zeroed by the kernel (measured in docs/performance.md).
+a GPU, where glibc's ``malloc`` serves the tensors: by default it gives blocks above its mmap threshold their own
+mapping (unmapped on free) and trims the top of the heap, so every step's activations, logits and gradients fault
+their pages in again, each zeroed by the kernel (measured in docs/performance.md). Where ``pretrain_gpt.py`` has
+preloaded tcmalloc (:mod:`posttrain.allocator`) that is not needed and not done.
 
 The one place this is switched on is :func:`posttrain.distributed.initialize_distributed`.
 """
@@ -42,7 +43,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from posttrain import cpu_matmul
+from posttrain import allocator, cpu_matmul
 
 _CPU = torch.device("cpu")
 _LOCK = threading.Lock()
@@ -236,7 +237,8 @@ def activate() -> bool:
     with _LOCK:
         if not _ACTIVE:
             _install_stubs()
-            keep_freed_memory()
+            if allocator.loaded_allocator() != "tcmalloc":  # tcmalloc reuses freed memory on its own
+                keep_freed_memory()
             cpu_matmul.install()
             _ACTIVE = True
     enter_thread()
@@ -268,7 +270,7 @@ def keep_freed_memory(trim_threshold: int = (1 << 31) - 1) -> bool:
         True when the settings were applied; False where the C library is not glibc or the user set glibc's own
         ``MALLOC_*_`` variables or ``GLIBC_TUNABLES`` (theirs win).
     """
-    if any(name in os.environ for name in _MALLOC_ENV):
+    if user_malloc_settings():
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -278,6 +280,12 @@ def keep_freed_memory(trim_threshold: int = (1 << 31) - 1) -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return all(mallopt(param, value) == 1 for param, value in ((_M_MMAP_MAX, 0),
                                                               (_M_TRIM_THRESHOLD, trim_threshold)))
+
+
+def user_malloc_settings() -> list[str]:
+    """The glibc ``malloc`` variables the user set (``MALLOC_*_``, ``GLIBC_TUNABLES``); where there are any,
+    :func:`keep_freed_memory` leaves their settings in force."""
+    return [name for name in _MALLOC_ENV if name in os.environ]
 
 
 def is_active() -> bool:

@@ -85,7 +85,7 @@ def implementations(bf16: bool = False, transformer_impl: str = "auto") -> dict[
 
     Returns:
         ``device``, ``backend``, ``precision``, ``layers``, ``norm``, ``optimizer``, ``multi_tensor`` (human-readable
-        strings).
+        strings), and on CPU ``allocator`` (:func:`posttrain.allocator.describe`).
     """
     from megatron.core.models import backends
     from megatron.core.optimizer import Adam
@@ -122,7 +122,10 @@ def implementations(bf16: bool = False, transformer_impl: str = "auto") -> dict[
 
         cpu_matmul.install()
         precision += f", fp32 products {cpu_matmul.describe()}"
-    return {
+    from posttrain import allocator, cpu_backend
+
+    extra = {} if cuda else {"allocator": allocator.describe(kept=not cpu_backend.user_malloc_settings())}
+    return {**extra,
         "device": device,
         "backend": "nccl" if cuda else "gloo",
         "precision": precision,
@@ -143,9 +146,10 @@ def startup_line(stage: str, bf16: bool = False, transformer_impl: str = "auto",
     """
     info = implementations(bf16, transformer_impl)
     processes = f"{world_size} process{'es' if world_size != 1 else ''}"
-    return (f"[{stage}] {info['device']}, {info['backend']}, {processes} | {info['precision']} | "
+    line = (f"[{stage}] {info['device']}, {info['backend']}, {processes} | {info['precision']} | "
             f"layers {info['layers']} | norm {info['norm']} | optimizer {info['optimizer']} | "
             f"multi-tensor ops {info['multi_tensor']}")
+    return line + (f" | host memory {info['allocator']}" if "allocator" in info else "")
 
 
 def launcher_world() -> tuple[int, int]:
