@@ -12,7 +12,8 @@ then one more iteration phase by phase (generate, experience, train) under the c
 * ``--mode-calls``: counts the torch calls that go through the CPU backend's ``TorchFunctionMode`` per phase and
   lists the calls it actually rewrites (CUDA device arguments, ``.cuda()``, ``Tensor.type()``) with the source
   line that made them — what megatron-core needs the mode for once the models are built;
-* always: wall and CPU seconds per phase (cores busy = CPU / wall), RSS at the end of each phase and its peak
+* always (with the host allocator ``pretrain_gpt.py`` would use, :mod:`posttrain.allocator`): wall and CPU
+  seconds per phase (cores busy = CPU / wall), RSS at the end of each phase and its peak
   (sampled every 5 ms), and the static memory: parameters of the four models, DDP gradient buffers and optimiser
   states.
 
@@ -39,6 +40,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 GIB = 1024 ** 3
+
+if __name__ == "__main__":  # the host allocator pretrain_gpt.py runs with (posttrain.allocator), before torch
+    from posttrain.allocator import use_tcmalloc
+
+    use_tcmalloc()
 
 
 def workload_argv(workdir: Path) -> list[str]:
