@@ -4,15 +4,17 @@ On CPU every tensor comes from the C library's ``malloc``. A PPO step allocates 
 0.1-100 MiB in an order that changes between the generation, experience and training phases; glibc's heap, even
 with freed memory kept (:func:`posttrain.cpu_backend.keep_freed_memory`), ends up with about 1 GiB of free holes
 of 0.8-2.3 MiB between live blocks, too small for the next phase's tensors, so the resident size stays 1.0-1.3 GiB
-above the live peak (docs/performance.md, "Sixth pass"). tcmalloc (gperftools' ``libtcmalloc_minimal``, the
-allocator Intel's PyTorch CPU tuning guides recommend) serves such blocks from page spans that it reuses across
-sizes; with it workload P's resident peak is what is live plus the libraries.
+above the live peak (docs/performance.md, "Sixth pass"). tcmalloc (gperftools' ``libtcmalloc_minimal``) serves
+such blocks from page spans that it reuses across sizes; with it workload P's resident peak is what is live plus
+the libraries. (PyTorch's performance tuning guide suggests tcmalloc or jemalloc for CPU workloads; jemalloc measured
+worse here.)
 
 An allocator cannot be swapped once the process has started, so :func:`use_tcmalloc` re-executes the entry point
 with ``LD_PRELOAD`` before anything heavy is imported. It does so only on a host without an NVIDIA GPU (a GPU run's
 host allocator is left as it is) and only where the library is installed (Debian/Ubuntu package
 ``libtcmalloc-minimal4``; ``scripts/install.sh`` installs it where it can). ``POSTTRAIN_CPU_ALLOCATOR`` chooses:
-``auto`` (default), ``tcmalloc`` (an error where it is missing) or ``glibc`` (never preload).
+``auto`` (default), ``tcmalloc`` (an error where it is missing) or ``glibc`` (never preload). An allocator the
+user preloads (tcmalloc, jemalloc or mimalloc in ``LD_PRELOAD``) is left in force.
 
 This module imports nothing but the standard library.
 """
@@ -28,6 +30,7 @@ CHOICES = ("auto", "tcmalloc", "glibc")
 _REEXECUTED = "POSTTRAIN_ALLOCATOR_REEXECUTED"
 # tcmalloc prints a "large alloc" line with a stack for every block above this many bytes (default 1 GiB).
 _REPORT = "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"
+_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
 
 
 class AllocatorError(RuntimeError):
@@ -35,12 +38,14 @@ class AllocatorError(RuntimeError):
 
 
 def loaded_allocator() -> str:
-    """``"tcmalloc"`` when a tcmalloc library is mapped into this process, else ``"glibc"``."""
+    """``"tcmalloc"``, ``"jemalloc"`` or ``"mimalloc"`` when such a library is mapped into this process, else
+    ``"glibc"``."""
     try:
         with open("/proc/self/maps") as maps:
-            return "tcmalloc" if any("libtcmalloc" in line for line in maps) else "glibc"
+            mapped = maps.read()
     except OSError:  # not Linux
         return "glibc"
+    return next((name for name in _ALLOCATORS if f"/lib{name}" in mapped), "glibc")
 
 
 def find_tcmalloc() -> Optional[str]:
@@ -62,9 +67,10 @@ def describe(kept: bool = False) -> str:
         kept: glibc keeps freed memory (:func:`posttrain.cpu_backend.keep_freed_memory`, applied when the CPU
             backend is switched on unless the user set glibc's own variables); said after ``glibc malloc``.
     """
-    if loaded_allocator() == "tcmalloc":
-        preloaded = [item for item in os.environ.get("LD_PRELOAD", "").replace(":", " ").split() if "tcmalloc" in item]
-        return f"tcmalloc ({os.path.basename(preloaded[0])}, preloaded)" if preloaded else "tcmalloc"
+    loaded = loaded_allocator()
+    if loaded != "glibc":
+        preloaded = [item for item in os.environ.get("LD_PRELOAD", "").replace(":", " ").split() if loaded in item]
+        return f"{loaded} ({os.path.basename(preloaded[0])}, preloaded)" if preloaded else loaded
     choice = os.environ.get(ENV, "auto")
     if choice == "glibc":
         why = f"{ENV}=glibc"
@@ -81,8 +87,9 @@ def _nvidia_gpu_present() -> bool:
 
 def tcmalloc_to_preload(environ: Optional[dict] = None) -> Optional[str]:
     """The tcmalloc library :func:`use_tcmalloc` preloads in a process started with ``environ`` (default: this
-    one's), or None where it keeps the C library's allocator: ``POSTTRAIN_CPU_ALLOCATOR=glibc``, ``auto`` on a host
-    with an NVIDIA GPU or without tcmalloc, or tcmalloc named in ``LD_PRELOAD`` already.
+    one's), or None where it keeps the allocator as it is: ``POSTTRAIN_CPU_ALLOCATOR=glibc``, ``auto`` on a host
+    with an NVIDIA GPU or without tcmalloc, or an allocator (tcmalloc, jemalloc, mimalloc) in ``LD_PRELOAD``
+    already.
 
     Raises:
         AllocatorError: an unknown ``POSTTRAIN_CPU_ALLOCATOR``, or ``tcmalloc`` where none is installed.
@@ -91,7 +98,7 @@ def tcmalloc_to_preload(environ: Optional[dict] = None) -> Optional[str]:
     choice = environ.get(ENV, "auto").strip().lower() or "auto"
     if choice not in CHOICES:
         raise AllocatorError(f"{ENV}={environ[ENV]!r}: choose one of {', '.join(CHOICES)}")
-    if choice == "glibc" or "tcmalloc" in environ.get("LD_PRELOAD", ""):
+    if choice == "glibc" or any(name in environ.get("LD_PRELOAD", "") for name in _ALLOCATORS):
         return None
     if choice == "auto" and _nvidia_gpu_present():
         return None
@@ -116,7 +123,7 @@ def use_tcmalloc(argv: Optional[Sequence[str]] = None) -> None:
 
     Call first thing in an entry point's ``__main__`` block: when it preloads, it does not return (``os.execve``
     replaces the process and keeps its PID, so ``torchrun``'s agent still watches the same worker). It returns
-    without doing anything when tcmalloc is loaded already, when there is nothing to preload, and after one
+    without doing anything when an allocator is preloaded already, when there is nothing to preload, and after one
     re-execution (a library that fails to preload never loops).
 
     Args:
@@ -125,7 +132,7 @@ def use_tcmalloc(argv: Optional[Sequence[str]] = None) -> None:
     Raises:
         AllocatorError: see :func:`tcmalloc_to_preload`.
     """
-    if loaded_allocator() == "tcmalloc" or os.environ.get(_REEXECUTED):
+    if loaded_allocator() != "glibc" or os.environ.get(_REEXECUTED):
         return
     library = tcmalloc_to_preload()
     if library is None:

@@ -237,7 +237,7 @@ def activate() -> bool:
     with _LOCK:
         if not _ACTIVE:
             _install_stubs()
-            if allocator.loaded_allocator() != "tcmalloc":  # tcmalloc reuses freed memory on its own
+            if allocator.loaded_allocator() == "glibc":  # tcmalloc & co. reuse freed memory on their own
                 keep_freed_memory()
             cpu_matmul.install()
             _ACTIVE = True

@@ -89,3 +89,11 @@ def test_the_preload_environment_adds_to_a_users_preload_and_silences_large_bloc
     assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40
     mine = allocator.preload_environment("libtcmalloc_minimal.so.4", {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "5"})
     assert mine["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == "5"  # the user's own setting wins
+
+
+def test_an_allocator_the_user_preloads_is_left_in_force(monkeypatch):
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(allocator, "_nvidia_gpu_present", lambda: False)
+    for library in ("/usr/lib/libjemalloc.so.2", "libmimalloc.so", "/opt/libtcmalloc.so.4"):
+        assert allocator.tcmalloc_to_preload({"LD_PRELOAD": library}) is None
+    assert allocator.tcmalloc_to_preload({"LD_PRELOAD": "libfoo.so"}) == "libtcmalloc_minimal.so.4"
