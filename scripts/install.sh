@@ -19,8 +19,9 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 # may install them; without it CPU runs use glibc's malloc (about 0.7 GiB more resident memory, same speed).
 if ! "$VENV/bin/python" -c "import ctypes.util, sys; sys.exit(not ctypes.util.find_library('tcmalloc_minimal'))" \
     && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1; } \
+  export DEBIAN_FRONTEND=noninteractive
+  timeout 300 apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 \
+    || { timeout 300 apt-get update -q >/dev/null 2>&1 && timeout 300 apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1; } \
     || echo "note: libtcmalloc-minimal4 could not be installed; CPU runs will use glibc's malloc" >&2
 fi
 "$VENV/bin/python" - <<'PY'
