@@ -13,6 +13,7 @@ exactly as ``bench/ppo_step.py`` prepares them), left-padded into one batch, and
   budget is spent), ``top_k=0, top_p=1.0`` so sampling is plain ``softmax(logits / temperature)`` as on
   posttrain's side. HF runs with the CPU backend's ``TorchFunctionMode`` suspended, as it would in its own process.
 
+Both run in one process, with the host allocator ``pretrain_gpt.py`` uses (:mod:`posttrain.allocator`).
 ``--modes`` chooses sampled (temperature ``--temperature``) and/or greedy decoding. The two systems alternate,
 ``--reps`` timed repetitions each after one untimed warm-up of each, so slow phases of a shared machine hit both.
 It prints generated tokens per second of each (median over the repetitions, and the spread), the ratio
@@ -38,6 +39,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+
+if __name__ == "__main__":  # the host allocator pretrain_gpt.py runs with (posttrain.allocator), before torch
+    from posttrain.allocator import use_tcmalloc
+
+    use_tcmalloc()
 
 
 def log(msg: str) -> None:
